@@ -1,0 +1,323 @@
+"""The masked AlphaNet supernet (Flax Linen).
+
+Every weight is held at its maximum shape (spec §1.2). A subnet enters as
+arrays (`EncodedSubnet`): elastic width, expand ratio, kernel size and SE width
+become channel/kernel masks, depth skips blocks with `lax.cond`. Only the input
+resolution is static, so one compiled program per resolution serves every
+subnet. Inactive channels are exactly zero after every BN and activation, which
+makes the masked network compute what the reference's sliced network computes.
+
+Variables: `params` and `batch_stats`, nested by layer:
+  stem{kernel [3,3,3,C]}, stem_bn{scale,bias}
+  block{i}: expand{kernel [in,mid]}, expand_bn, dw{kernel [k,k,1,mid]}, dw_bn,
+            se_reduce{kernel [mid,m], bias}, se_expand{kernel [m,mid], bias},
+            project{kernel [mid,out]}, project_bn, shortcut{kernel [in,out]}
+  head: expand{kernel [w7,6*w7]}, expand_bn, feature_mix{kernel [6*w7,w_last]}
+  classifier{kernel [w_last, classes], bias}
+batch_stats mirror the *_bn entries with {mean, var}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alphanet_jax import layers
+from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space, resolve
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class EncodedSubnet:
+    """A subnet as arrays (traced under jit); only `resolution` is static."""
+
+    stem: Array          # int32 []
+    active: Array        # int32 [num_blocks] 1 if the block runs
+    in_ch: Array         # int32 [num_blocks]
+    mid: Array           # int32 [num_blocks]
+    out_ch: Array        # int32 [num_blocks]
+    kernel: Array        # int32 [num_blocks]
+    se: Array            # int32 [num_blocks]
+    head_expand: Array   # int32 []
+    head_width: Array    # int32 []
+    resolution: int = flax.struct.field(pytree_node=False)
+
+
+def encode(subnet: SubnetConfig | EncodedSubnet, space: SearchSpace | None = None) -> EncodedSubnet:
+    """Validates a subnet and turns it into the arrays the supernet consumes."""
+    if isinstance(subnet, EncodedSubnet):
+        return subnet
+    space = get_space(space)
+    rs = resolve(subnet, space)
+    nb = space.num_blocks
+    cols = {k: np.zeros(nb, np.int32) for k in ("active", "in_ch", "mid", "out_ch", "kernel", "se")}
+    # Inactive blocks keep harmless values (their branch never runs).
+    for b in space.blocks:
+        cols["kernel"][b.index] = b.max_kernel
+    for b in rs.blocks:
+        for k, v in (("active", 1), ("in_ch", b.in_ch), ("mid", b.mid), ("out_ch", b.out_ch),
+                     ("kernel", b.kernel), ("se", b.se_mid)):
+            cols[k][b.index] = v
+    return EncodedSubnet(stem=np.int32(rs.stem_width), head_expand=np.int32(rs.head_expand),
+                         head_width=np.int32(rs.head_width), resolution=subnet.resolution, **cols)
+
+
+def stack_encoded(encs: list[EncodedSubnet]) -> EncodedSubnet:
+    """Stacks encodings of one resolution along a leading axis (for lax.scan / vmap)."""
+    res = {e.resolution for e in encs}
+    if len(res) != 1:
+        raise ValueError(f"can only stack subnets of one resolution, got {sorted(res)}")
+    return jax.tree.map(lambda *xs: np.stack(xs), *encs)
+
+
+# ----------------------------------------------------------------------------
+# Initialisation (spec §2.9): PyTorch defaults on the max tensors, zero gamma on
+# every block's last BN.
+# ----------------------------------------------------------------------------
+
+
+def _uniform(key, shape, fan_in):
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _bn_params(c: int, zero_scale: bool = False) -> dict:
+    return {"scale": jnp.zeros((c,)) if zero_scale else jnp.ones((c,)), "bias": jnp.zeros((c,))}
+
+
+def _bn_stats(c: int) -> dict:
+    return {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
+
+
+def init_block(key: Array, b: BlockSpec) -> dict:
+    ks = jax.random.split(key, 7)
+    p: dict[str, Any] = {}
+    if b.has_expand:
+        p["expand"] = {"kernel": _uniform(ks[0], (b.max_in, b.max_mid), b.max_in)}
+        p["expand_bn"] = _bn_params(b.max_mid)
+    k = b.max_kernel
+    p["dw"] = {"kernel": _uniform(ks[1], (k, k, 1, b.max_mid), k * k)}
+    p["dw_bn"] = _bn_params(b.max_mid)
+    if b.se:
+        p["se_reduce"] = {"kernel": _uniform(ks[2], (b.max_mid, b.max_se), b.max_mid),
+                          "bias": _uniform(ks[3], (b.max_se,), b.max_mid)}
+        p["se_expand"] = {"kernel": _uniform(ks[4], (b.max_se, b.max_mid), b.max_se),
+                          "bias": _uniform(ks[5], (b.max_mid,), b.max_se)}
+    p["project"] = {"kernel": _uniform(ks[6], (b.max_mid, b.max_out), b.max_mid)}
+    p["project_bn"] = _bn_params(b.max_out, zero_scale=True)
+    p["shortcut"] = {"kernel": _uniform(jax.random.fold_in(key, 99), (b.max_in, b.max_out), b.max_in)}
+    return p
+
+
+def block_stats(b: BlockSpec) -> dict:
+    s = {"dw_bn": _bn_stats(b.max_mid), "project_bn": _bn_stats(b.max_out)}
+    if b.has_expand:
+        s["expand_bn"] = _bn_stats(b.max_mid)
+    return s
+
+
+# ----------------------------------------------------------------------------
+# Forward pieces (pure functions of params, stats and the encoded subnet)
+# ----------------------------------------------------------------------------
+
+
+def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: bool, eps: float,
+                   axis_name: str | None, dc_rate: Array, dc_static_rate: float, rng: Array | None
+                   ) -> tuple[Array, dict]:
+    act = layers.activation(b.act)
+    in_m = layers.channel_mask(e["in_ch"], b.max_in)
+    mid_m = layers.channel_mask(e["mid"], b.max_mid)
+    out_m = layers.channel_mask(e["out_ch"], b.max_out)
+    new: dict[str, Any] = {}
+    h = x
+    if b.has_expand:
+        h = layers.pointwise(h, p["expand"]["kernel"] * (in_m[:, None] & mid_m[None, :]))
+        h, new["expand_bn"] = layers.batch_norm(h, p["expand_bn"], s["expand_bn"], mid_m, train=train, eps=eps,
+                                                axis_name=axis_name)
+        h = jnp.where(mid_m, act(h), 0)
+    kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
+    h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride)
+    h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
+                                        axis_name=axis_name)
+    h = jnp.where(mid_m, act(h), 0)
+    if b.se:
+        se_m = layers.channel_mask(e["se"], b.max_se)
+        pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))  # inactive channels are 0
+        z = pooled @ (p["se_reduce"]["kernel"] * (mid_m[:, None] & se_m[None, :]))
+        z = jax.nn.relu(z + p["se_reduce"]["bias"] * se_m)
+        g = z @ (p["se_expand"]["kernel"] * (se_m[:, None] & mid_m[None, :]))
+        g = layers.hard_sigmoid(g + p["se_expand"]["bias"] * mid_m)
+        h = h * g[:, None, None, :].astype(h.dtype)
+    h = layers.pointwise(h, p["project"]["kernel"] * (mid_m[:, None] & out_m[None, :]))
+    h, new["project_bn"] = layers.batch_norm(h, p["project_bn"], s["project_bn"], out_m, train=train, eps=eps,
+                                             axis_name=axis_name)
+    # Shortcut (spec §2.3): pool if strided, 1x1 conv if the active widths differ.
+    sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
+    if b.position == 0:
+        conv = layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :]))
+        sc = jnp.where(e["in_ch"] != e["out_ch"], conv, layers.fit_channels(sc, b.max_out))
+    if dc_static_rate > 0 and rng is not None:
+        # Drop-connect only on identity-shaped shortcuts, one Bernoulli per sample (spec §2.8).
+        rate = dc_rate * dc_static_rate
+        keep = 1.0 - rate
+        u = jax.random.uniform(jax.random.fold_in(rng, b.index), (x.shape[0], 1, 1, 1))
+        m = jnp.floor(keep + u) / keep
+        identity = (b.stride == 1) & (e["in_ch"] == e["out_ch"])
+        h = jnp.where(identity, h * m.astype(h.dtype), h)
+    return h + sc, (new if train else None)
+
+
+def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) -> list[float]:
+    """Per-block drop-connect multiplier i / num_blocks (spec §2.8), times the run's rate."""
+    n = space.num_blocks
+    last_two = set(space.stage_blocks(space.num_stages - 1)) | set(space.stage_blocks(space.num_stages - 2))
+    return [i / n if (not only_last_two_stages or i in last_two) else 0.0 for i in range(n)]
+
+
+def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, space: SearchSpace,
+            train: bool, dtype: Any = jnp.float32, bn_eps: float = 1e-5, axis_name: str | None = None,
+            dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
+            drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True
+            ) -> tuple[Array, dict | None]:
+    """Logits (float32) and, in train mode, this batch's BN statistics."""
+    chex.assert_rank(images, 4)
+    if images.shape[-1] != space.in_channels:
+        raise ValueError(f"images have {images.shape[-1]} channels, the space expects {space.in_channels} "
+                         f"(NHWC layout)")
+    x = layers.resize_bicubic(images.astype(jnp.float32), enc.resolution).astype(dtype)
+    new: dict[str, Any] = {}
+    stem_m = layers.channel_mask(enc.stem, max(space.stem_widths))
+    x = layers.conv2d(x, params["stem"]["kernel"] * stem_m, space.stem_stride)
+    x, new["stem_bn"] = layers.batch_norm(x, params["stem_bn"], stats["stem_bn"], stem_m, train=train,
+                                          eps=bn_eps, axis_name=axis_name)
+    x = jnp.where(stem_m, layers.activation(space.act)(x), 0)
+    dc_rates = drop_connect_rates(space, drop_connect_only_last_two_stages)
+    dc_rate = jnp.asarray(drop_connect_rate, jnp.float32)
+    for b in space.blocks:
+        name = f"block{b.index}"
+        e = {k: getattr(enc, k)[b.index] for k in ("in_ch", "mid", "out_ch", "kernel", "se")}
+        p, s = params[name], stats[name]
+
+        def run(x, p=p, s=s, e=e, b=b):
+            return _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
+                                  dc_rate=dc_rate, dc_static_rate=dc_rates[b.index], rng=rng)
+
+        def skip(x, s=s, b=b):
+            # An inactive block is the identity and leaves its statistics as they were.
+            return layers.fit_channels(x, b.max_out), (s if train else None)
+
+        if b.position < min(space.stages[b.stage].depths):  # runs in every subnet
+            x, ns = run(x)
+        elif skip_inactive:
+            x, ns = jax.lax.cond(enc.active[b.index] > 0, run, skip, x)
+        else:
+            y, ns = run(x)
+            x = jnp.where(enc.active[b.index] > 0, y, layers.fit_channels(x, b.max_out))
+        if train:
+            new[name] = ns
+    # Head (spec §2.4): expand + BN + act, pool, feature mix (no BN, no bias) + act, dropout, classifier.
+    act = layers.activation(space.act)
+    last = space.blocks[-1].max_out
+    he_m = layers.channel_mask(enc.head_expand, space.head_max_expand)
+    in_m = layers.channel_mask(enc.head_expand // space.head_expand_ratio, last)
+    hp = params["head"]
+    x = layers.pointwise(x, hp["expand"]["kernel"] * (in_m[:, None] & he_m[None, :]))
+    x, hn = layers.batch_norm(x, hp["expand_bn"], stats["head"]["expand_bn"], he_m, train=train,
+                              eps=bn_eps, axis_name=axis_name)
+    new["head"] = {"expand_bn": hn}
+    x = jnp.where(he_m, act(x), 0)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    hw_m = layers.channel_mask(enc.head_width, max(space.head_widths))
+    x = x.astype(dtype) @ (hp["feature_mix"]["kernel"] * (he_m[:, None] & hw_m[None, :])).astype(dtype)
+    x = jnp.where(hw_m, act(x), 0)
+    if rng is not None:
+        rate = jnp.asarray(dropout_rate, jnp.float32)
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, -1), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+    cp = params["classifier"]
+    logits = x @ (cp["kernel"] * hw_m[:, None]).astype(dtype) + cp["bias"].astype(dtype)
+    return logits.astype(jnp.float32), (new if train else None)
+
+
+class Supernet(nn.Module):
+    """The AlphaNet supernet: `Supernet().apply(variables, images, subnet, train=False)` -> logits.
+
+    `subnet` is a SubnetConfig (encoded on the fly, a constant under jit) or an
+    EncodedSubnet (traced: one compiled program per resolution serves every subnet).
+    `train=True` normalises with batch statistics and leaves the running statistics
+    alone (the reference trains with BN momentum 0); call with
+    `mutable=['batch_stats']` to receive this batch's statistics (for calibration).
+    `bn_axis_name` pmean's BN statistics over a shard_map axis (global BN); None
+    keeps them per device, as the reference's `sync_bn: False`.
+    Dropout and drop-connect run only when a 'dropout' rng is given.
+    """
+
+    space: SearchSpace = get_space(None)
+    dtype: Any = jnp.float32
+    bn_eps: float = 1e-5
+    bn_axis_name: str | None = None
+    drop_connect_only_last_two_stages: bool = True
+    skip_inactive: bool = True
+
+    @nn.compact
+    def __call__(self, images: Array, subnet: SubnetConfig | EncodedSubnet, train: bool = False,
+                 dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0) -> Array:
+        space = self.space
+        params: dict[str, Any] = {}
+        stats: dict[str, Any] = {}
+        c0 = max(space.stem_widths)
+        k0 = space.stem_kernel
+        params["stem"] = self.param("stem", lambda key: {
+            "kernel": _uniform(key, (k0, k0, space.in_channels, c0), k0 * k0 * space.in_channels)})
+        params["stem_bn"] = self.param("stem_bn", lambda key: _bn_params(c0))
+        stat_vars = {"stem_bn": self.variable("batch_stats", "stem_bn", lambda: _bn_stats(c0))}
+        for b in space.blocks:
+            name = f"block{b.index}"
+            params[name] = self.param(name, lambda key, b=b: init_block(key, b))
+            stat_vars[name] = self.variable("batch_stats", name, lambda b=b: block_stats(b))
+        last = space.blocks[-1].max_out
+        he, hw = space.head_max_expand, max(space.head_widths)
+
+        def init_head(key):
+            k1, k2 = jax.random.split(key)
+            return {"expand": {"kernel": _uniform(k1, (last, he), last)}, "expand_bn": _bn_params(he),
+                    "feature_mix": {"kernel": _uniform(k2, (he, hw), he)}}
+
+        params["head"] = self.param("head", init_head)
+        stat_vars["head"] = self.variable("batch_stats", "head", lambda: {"expand_bn": _bn_stats(he)})
+
+        def init_cls(key):
+            k1, k2 = jax.random.split(key)
+            return {"kernel": _uniform(k1, (hw, space.num_classes), hw),
+                    "bias": _uniform(k2, (space.num_classes,), hw)}
+
+        params["classifier"] = self.param("classifier", init_cls)
+        stats = {k: v.value for k, v in stat_vars.items()}
+
+        enc = encode(subnet, space)
+        rng = self.make_rng("dropout") if (train and self.has_rng("dropout")) else None
+        logits, new = forward(params, stats, images, enc, space=space, train=train, dtype=self.dtype,
+                              bn_eps=self.bn_eps, axis_name=self.bn_axis_name, dropout_rate=dropout_rate,
+                              drop_connect_rate=drop_connect_rate, rng=rng,
+                              drop_connect_only_last_two_stages=self.drop_connect_only_last_two_stages,
+                              skip_inactive=self.skip_inactive)
+        if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+            for k, var in stat_vars.items():
+                var.value = new[k]
+        return logits
+
+
+def init_variables(space: SearchSpace | None = None, seed: int = 0, **kw: Any) -> dict:
+    """Parameters and BN statistics of a freshly initialised supernet (eval trace, tiny input)."""
+    space = get_space(space)
+    model = Supernet(space=space, **kw)
+    r = min(space.resolutions)
+    x = jnp.zeros((1, r, r, space.in_channels), jnp.float32)
+    return jax.jit(lambda k: model.init(k, x, space.min_subnet()))(jax.random.PRNGKey(seed))
