@@ -104,7 +104,7 @@ def batch_norm(x: Array, p: dict, s: dict, mask: Array, *, train: bool, eps: flo
 def avg_pool_2x2(x: Array) -> Array:
     """The shortcut's 2x2/2 average pool: padding 0 for an even width, 1 (zeros counted) for odd."""
     pad = 0 if x.shape[2] % 2 == 0 else 1
-    y = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1),
+    y = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1),
                               ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     return y / jnp.asarray(4, x.dtype)
 

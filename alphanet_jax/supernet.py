@@ -83,11 +83,6 @@ def stack_encoded(encs: list[EncodedSubnet]) -> EncodedSubnet:
 # ----------------------------------------------------------------------------
 
 
-def _uniform(key, shape, fan_in):
-    bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def _bn_params(c: int, zero_scale: bool = False) -> dict:
     return {"scale": jnp.zeros((c,)) if zero_scale else jnp.ones((c,)), "bias": jnp.zeros((c,))}
 
@@ -96,23 +91,43 @@ def _bn_stats(c: int) -> dict:
     return {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
 
 
+def _uniform_tensors(key: Array, specs: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, Array]:
+    """uniform(+-1/sqrt(fan_in)) tensors from ONE random draw (hundreds of draws compile slowly)."""
+    sizes = [int(np.prod(shape)) for shape, _ in specs.values()]
+    flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    out, start = {}, 0
+    for (name, (shape, fan_in)), size in zip(specs.items(), sizes):
+        out[name] = flat[start:start + size].reshape(shape) / np.float32(np.sqrt(fan_in))
+        start += size
+    return out
+
+
 def init_block(key: Array, b: BlockSpec) -> dict:
-    ks = jax.random.split(key, 7)
+    k = b.max_kernel
+    specs: dict[str, tuple[tuple[int, ...], int]] = {}
+    if b.has_expand:
+        specs["expand"] = ((b.max_in, b.max_mid), b.max_in)
+    specs["dw"] = ((k, k, 1, b.max_mid), k * k)
+    if b.se:
+        specs["se_reduce.kernel"] = ((b.max_mid, b.max_se), b.max_mid)
+        specs["se_reduce.bias"] = ((b.max_se,), b.max_mid)
+        specs["se_expand.kernel"] = ((b.max_se, b.max_mid), b.max_se)
+        specs["se_expand.bias"] = ((b.max_mid,), b.max_se)
+    specs["project"] = ((b.max_mid, b.max_out), b.max_mid)
+    specs["shortcut"] = ((b.max_in, b.max_out), b.max_in)
+    t = _uniform_tensors(key, specs)
     p: dict[str, Any] = {}
     if b.has_expand:
-        p["expand"] = {"kernel": _uniform(ks[0], (b.max_in, b.max_mid), b.max_in)}
+        p["expand"] = {"kernel": t["expand"]}
         p["expand_bn"] = _bn_params(b.max_mid)
-    k = b.max_kernel
-    p["dw"] = {"kernel": _uniform(ks[1], (k, k, 1, b.max_mid), k * k)}
+    p["dw"] = {"kernel": t["dw"]}
     p["dw_bn"] = _bn_params(b.max_mid)
     if b.se:
-        p["se_reduce"] = {"kernel": _uniform(ks[2], (b.max_mid, b.max_se), b.max_mid),
-                          "bias": _uniform(ks[3], (b.max_se,), b.max_mid)}
-        p["se_expand"] = {"kernel": _uniform(ks[4], (b.max_se, b.max_mid), b.max_se),
-                          "bias": _uniform(ks[5], (b.max_mid,), b.max_se)}
-    p["project"] = {"kernel": _uniform(ks[6], (b.max_mid, b.max_out), b.max_mid)}
+        p["se_reduce"] = {"kernel": t["se_reduce.kernel"], "bias": t["se_reduce.bias"]}
+        p["se_expand"] = {"kernel": t["se_expand.kernel"], "bias": t["se_expand.bias"]}
+    p["project"] = {"kernel": t["project"]}
     p["project_bn"] = _bn_params(b.max_out, zero_scale=True)
-    p["shortcut"] = {"kernel": _uniform(jax.random.fold_in(key, 99), (b.max_in, b.max_out), b.max_in)}
+    p["shortcut"] = {"kernel": t["shortcut"]}
     return p
 
 
@@ -239,7 +254,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     x = jnp.where(hw_m, act(x), 0)
     if rng is not None:
         rate = jnp.asarray(dropout_rate, jnp.float32)
-        keep = jax.random.bernoulli(jax.random.fold_in(rng, -1), 1.0 - rate, x.shape)
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, 1_000_003), 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
     cp = params["classifier"]
     logits = x @ (cp["kernel"] * hw_m[:, None]).astype(dtype) + cp["bias"].astype(dtype)
@@ -275,7 +290,7 @@ class Supernet(nn.Module):
         c0 = max(space.stem_widths)
         k0 = space.stem_kernel
         params["stem"] = self.param("stem", lambda key: {
-            "kernel": _uniform(key, (k0, k0, space.in_channels, c0), k0 * k0 * space.in_channels)})
+            "kernel": _uniform_tensors(key, {"k": ((k0, k0, space.in_channels, c0), k0 * k0 * space.in_channels)})["k"]})
         params["stem_bn"] = self.param("stem_bn", lambda key: _bn_params(c0))
         stat_vars = {"stem_bn": self.variable("batch_stats", "stem_bn", lambda: _bn_stats(c0))}
         for b in space.blocks:
@@ -286,22 +301,23 @@ class Supernet(nn.Module):
         he, hw = space.head_max_expand, max(space.head_widths)
 
         def init_head(key):
-            k1, k2 = jax.random.split(key)
-            return {"expand": {"kernel": _uniform(k1, (last, he), last)}, "expand_bn": _bn_params(he),
-                    "feature_mix": {"kernel": _uniform(k2, (he, hw), he)}}
+            t = _uniform_tensors(key, {"expand": ((last, he), last), "mix": ((he, hw), he)})
+            return {"expand": {"kernel": t["expand"]}, "expand_bn": _bn_params(he),
+                    "feature_mix": {"kernel": t["mix"]}}
 
         params["head"] = self.param("head", init_head)
         stat_vars["head"] = self.variable("batch_stats", "head", lambda: {"expand_bn": _bn_stats(he)})
 
         def init_cls(key):
-            k1, k2 = jax.random.split(key)
-            return {"kernel": _uniform(k1, (hw, space.num_classes), hw),
-                    "bias": _uniform(k2, (space.num_classes,), hw)}
+            t = _uniform_tensors(key, {"kernel": ((hw, space.num_classes), hw), "bias": ((space.num_classes,), hw)})
+            return {"kernel": t["kernel"], "bias": t["bias"]}
 
         params["classifier"] = self.param("classifier", init_cls)
         stats = {k: v.value for k, v in stat_vars.items()}
 
         enc = encode(subnet, space)
+        if self.is_initializing():  # shapes only: skip tracing the whole network
+            return jnp.zeros((images.shape[0], space.num_classes), jnp.float32)
         rng = self.make_rng("dropout") if (train and self.has_rng("dropout")) else None
         logits, new = forward(params, stats, images, enc, space=space, train=train, dtype=self.dtype,
                               bn_eps=self.bn_eps, axis_name=self.bn_axis_name, dropout_rate=dropout_rate,

@@ -1,0 +1,243 @@
+"""The masked supernet computes what the sliced (reference-style) subnet computes."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alphanet_jax import export, flops, layers, search_space as ss, supernet
+
+TINY = ss.get_space("tiny")
+ALPHA = ss.get_space("alphanet")
+
+
+def _lively(variables, space, seed=0):
+    """Non-trivial variables: unit project-BN gamma (init has 0), random BN affine, sane running stats."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: (x + 0.5 + 0.2 * jax.random.uniform(jax.random.PRNGKey(hash(str(p)) % 2**31), x.shape))
+        if "project_bn" in str(p) and "scale" in str(p) else x, variables["params"])
+    model = supernet.Supernet(space=space)
+    x = jax.random.normal(jax.random.PRNGKey(seed), (8, 16, 16, 3))
+    _, st = jax.jit(lambda v, x: model.apply(v, x, supernet.encode(space.max_subnet(), space), train=True,
+                                             mutable=["batch_stats"]))({**variables, "params": params}, x)
+    return {"params": params, "batch_stats": st["batch_stats"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_vars():
+    return _lively(supernet.init_variables(TINY, seed=1), TINY)
+
+
+@pytest.fixture(scope="module")
+def alpha_vars():
+    return _lively(supernet.init_variables(ALPHA, seed=2), ALPHA)
+
+
+def _compare(space, variables, subnets, train, x, rtol):
+    model = supernet.Supernet(space=space)
+    traces = []
+
+    def fn(v, x, enc):
+        traces.append(enc.resolution)
+        return model.apply(v, x, enc, train=train)
+
+    f = jax.jit(fn)
+    worst = 0.0
+    for s in subnets:
+        a = f(variables, x, supernet.encode(s, space))
+        m, sv = export.extract_subnet(variables, s, space)
+        b = jax.jit(lambda v, x, m=m: m.apply(v, x, train=train))(sv, x)
+        err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
+        worst = max(worst, err)
+        assert err < rtol, (s, err)
+        assert export.num_params(sv) == flops.count_params(s, space)
+    # one compiled program per resolution, whatever the subnets
+    assert sorted(traces) == sorted({s.resolution for s in subnets})
+    return worst
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_masked_equals_static_tiny(tiny_vars, train):
+    rng = random.Random(7)
+    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(20)]
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
+    _compare(TINY, tiny_vars, subnets, train, x, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_masked_equals_static_alphanet_eval(alpha_vars):
+    rng = random.Random(11)
+    subnets = [ss.preset("a0"), ss.preset("a6")] + [ss.sample_subnet(ALPHA, rng) for _ in range(18)]
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 3))
+    worst = _compare(ALPHA, alpha_vars, subnets, False, x, rtol=1e-4)
+    print(f"largest relative masked-vs-static difference (eval): {worst:.2e}")
+
+
+@pytest.mark.slow
+def test_masked_equals_static_alphanet_train(alpha_vars):
+    rng = random.Random(12)
+    subnets = [ss.sample_subnet(ALPHA, rng).replace(resolution=192) for _ in range(5)] + [ss.preset("a0")]
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 3))
+    worst = _compare(ALPHA, alpha_vars, subnets, True, x, rtol=1e-4)
+    print(f"largest relative masked-vs-static difference (train): {worst:.2e}")
+
+
+def test_one_program_per_resolution_over_many_subnets(tiny_vars):
+    model = supernet.Supernet(space=TINY)
+    traces = []
+
+    @jax.jit
+    def f(v, x, enc):
+        traces.append(1)
+        return model.apply(v, x, enc, train=True)
+
+    rng = random.Random(0)
+    x = jnp.ones((2, 32, 32, 3))
+    seen = set()
+    while len(seen) < 12:
+        s = ss.sample_subnet(TINY, rng).replace(resolution=32)
+        seen.add(s)
+        f(tiny_vars, x, supernet.encode(s, TINY))
+    assert len(traces) == 1 and f._cache_size() == 1
+
+
+def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
+    model = supernet.Supernet(space=TINY)
+    s = TINY.min_subnet()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, TINY.num_classes))
+    g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**tiny_vars, "params": p}, x, s, train=True) * w)))(
+        tiny_vars["params"])
+    rs = ss.resolve(s, TINY)
+    active = {b.index: b for b in rs.blocks}
+    for b in TINY.blocks:
+        gb = g[f"block{b.index}"]
+        if b.index not in active:
+            assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(gb)), b.index
+            continue
+        a = active[b.index]
+        assert float(jnp.abs(gb["dw"]["kernel"][..., a.mid:]).max(initial=0)) == 0
+        o = (b.max_kernel - a.kernel) // 2
+        ring = np.ones((b.max_kernel, b.max_kernel), bool)
+        ring[o:o + a.kernel, o:o + a.kernel] = False
+        assert float(jnp.abs(gb["dw"]["kernel"][ring]).max(initial=0)) == 0
+        assert float(jnp.abs(gb["project"]["kernel"][a.mid:]).max(initial=0)) == 0
+        assert float(jnp.abs(gb["project"]["kernel"][:, a.out_ch:]).max(initial=0)) == 0
+        if a.se_mid:
+            assert float(jnp.abs(gb["se_reduce"]["kernel"][:, a.se_mid:]).max(initial=0)) == 0
+            assert float(jnp.abs(gb["se_reduce"]["bias"][a.se_mid:]).max(initial=0)) == 0
+        if a.shortcut in ("identity", "pool"):
+            assert float(jnp.abs(gb["shortcut"]["kernel"]).max()) == 0
+        assert float(jnp.abs(gb["dw"]["kernel"][o:o + a.kernel, o:o + a.kernel, :, :a.mid]).max()) > 0
+    assert float(jnp.abs(g["classifier"]["kernel"][rs.head_width:]).max(initial=0)) == 0
+    assert float(jnp.abs(g["stem"]["kernel"][..., rs.stem_width:]).max(initial=0)) == 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_inactive_channels_stay_zero(tiny_vars, train):
+    rng = random.Random(5)
+    for _ in range(10):
+        s = ss.sample_subnet(TINY, rng)
+        enc = supernet.encode(s, TINY)
+        rs = ss.resolve(s, TINY)
+        for a in rs.blocks:
+            b = TINY.blocks[a.index]
+            x = jax.random.normal(jax.random.PRNGKey(a.index), (2, 8, 8, b.max_in))
+            x = x * (jnp.arange(b.max_in) < a.in_ch)
+            e = {k: getattr(enc, k)[a.index] for k in ("in_ch", "mid", "out_ch", "kernel", "se")}
+            p = tiny_vars["params"][f"block{a.index}"]
+            st = tiny_vars["batch_stats"][f"block{a.index}"]
+            y, _ = supernet._block_forward(p, st, x, e, b, train=train, eps=1e-5, axis_name=None,
+                                           dc_rate=0.0, dc_static_rate=0.0, rng=None)
+            assert y.shape[-1] == b.max_out
+            assert float(jnp.abs(y[..., a.out_ch:]).max(initial=0)) == 0.0
+            assert float(jnp.abs(y[..., :a.out_ch]).max()) > 0
+
+
+def test_bicubic_resize_matches_pytorch_known_values():
+    # torch.nn.functional.interpolate(x, size=7, mode='bicubic', align_corners=False), x = arange(20)^1.5 [4,5]
+    x = (np.arange(20.0) ** 1.5).reshape(1, 4, 5, 1).astype(np.float32)
+    y = np.asarray(layers.resize_bicubic(jnp.asarray(x), 7))[0, :, :, 0]
+    assert y.shape == (7, 7)
+    np.testing.assert_allclose(y[0], [-1.168337, -0.845092, 0.057278, 1.27154, 2.669278, 4.808862, 6.323353],
+                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(y[:, 0], [-1.168337, 2.412738, 9.335774, 19.627419, 33.689526, 49.88845,
+                                         60.24821], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(y[6, 6], 86.354034, rtol=1e-6)
+    # downsampling 6x6 -> 4x4, no antialiasing
+    z = (np.arange(36.0) ** 1.5).reshape(1, 6, 6, 1).astype(np.float32)
+    w = np.asarray(layers.resize_bicubic(jnp.asarray(z), 4))[0, :, :, 0]
+    np.testing.assert_allclose(w[0], [2.664051, 5.511147, 9.930308, 15.045873], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(w[3], [156.72572, 169.0884, 182.4693, 195.48264], rtol=1e-5)
+
+
+def test_bicubic_resize_matches_live_pytorch():
+    torch = pytest.importorskip("torch")
+    x = np.random.RandomState(0).randn(2, 3, 11, 11).astype(np.float32)
+    for size in (5, 11, 16, 23):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bicubic",
+                                              align_corners=False).numpy()
+        got = np.asarray(layers.resize_bicubic(jnp.asarray(x.transpose(0, 2, 3, 1)), size)).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_reference():
+    v = supernet.init_variables(TINY, seed=0)
+    p = v["params"]
+    for b in TINY.blocks:
+        bp = p[f"block{b.index}"]
+        assert float(jnp.abs(bp["project_bn"]["scale"]).max()) == 0.0  # zero gamma, every block
+        assert float(jnp.abs(bp["dw"]["kernel"]).max()) <= 1 / b.max_kernel
+        assert float(jnp.abs(bp["dw"]["kernel"]).max()) > 0.8 / b.max_kernel
+        assert float(jnp.min(bp["dw_bn"]["scale"])) == 1.0
+    bound = 1 / np.sqrt(max(TINY.head_widths))
+    assert float(jnp.abs(p["classifier"]["bias"]).max()) <= bound
+    assert float(jnp.min(v["batch_stats"]["stem_bn"]["var"])) == 1.0
+
+
+def test_dropout_and_drop_connect_only_when_asked(tiny_vars):
+    model = supernet.Supernet(space=TINY)
+    s = TINY.max_subnet()
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 32, 32, 3))
+    plain = model.apply(tiny_vars, x, s, train=True)
+    zero = model.apply(tiny_vars, x, s, train=True, dropout_rate=0.0, drop_connect_rate=0.0,
+                       rngs={"dropout": jax.random.PRNGKey(1)})
+    np.testing.assert_allclose(plain, zero, rtol=1e-6, atol=1e-6)
+    dropped = model.apply(tiny_vars, x, s, train=True, dropout_rate=0.5, drop_connect_rate=0.5,
+                          rngs={"dropout": jax.random.PRNGKey(1)})
+    assert float(jnp.abs(dropped - plain).max()) > 1e-3
+    # eval mode never drops
+    e1 = model.apply(tiny_vars, x, s, train=False, dropout_rate=0.5, rngs={"dropout": jax.random.PRNGKey(1)})
+    np.testing.assert_allclose(e1, model.apply(tiny_vars, x, s), rtol=1e-6)
+
+
+def test_drop_connect_rates_follow_global_index():
+    rates = supernet.drop_connect_rates(ALPHA)
+    assert rates[:27] == [0.0] * 27
+    assert rates[27] == pytest.approx(27 / 37) and rates[36] == pytest.approx(36 / 37)
+    assert 0.2 * rates[27] == pytest.approx(0.146, abs=1e-3) and 0.2 * rates[36] == pytest.approx(0.195, abs=1e-3)
+
+
+def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
+    s = ss.sample_subnet(TINY, random.Random(9))
+    m, sv = export.extract_subnet(tiny_vars, s, TINY)
+    export.save_subnet(str(tmp_path / "net"), m, sv)
+    m2, sv2 = export.load_subnet_model(str(tmp_path / "net"))
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+    np.testing.assert_array_equal(np.asarray(m.apply(sv, x)), np.asarray(m2.apply(sv2, x)))
+    (tmp_path / "net" / "config.json").write_text((tmp_path / "net" / "config.json").read_text().replace(
+        '"subnet": {', '"subnet": {"x": 1, ').replace(str(s.width[0]) + ",", "999,", 1))
+    with pytest.raises(ValueError):
+        export.load_subnet_model(str(tmp_path / "net"))
+    with pytest.raises(FileNotFoundError, match="not an exported subnet"):
+        export.load_subnet_model(str(tmp_path / "nothing"))
+
+
+def test_bad_inputs_give_clear_errors(tiny_vars):
+    model = supernet.Supernet(space=TINY)
+    with pytest.raises(ValueError, match="channels"):
+        model.apply(tiny_vars, jnp.ones((1, 32, 32, 1)), TINY.min_subnet())
+    with pytest.raises(ss.SearchSpaceError, match="resolution"):
+        model.apply(tiny_vars, jnp.ones((1, 32, 32, 3)), TINY.min_subnet().replace(resolution=40))
