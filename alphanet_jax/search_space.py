@@ -43,10 +43,10 @@ ALPHANET_SPACE: dict[str, Any] = dict(
 )
 
 # A few-hundred-parameter space for tests and the quickstart (8x8 digits
-# upsampled to 32). Same shape rules as AlphaNet, every choice kind present.
+# upsampled to 24). Same shape rules as AlphaNet, every choice kind present.
 TINY_SPACE: dict[str, Any] = dict(
     name="tiny",
-    resolutions=[24, 32],
+    resolutions=[16, 24],
     in_channels=3,
     num_classes=10,
     stem=dict(widths=[8, 16], kernel_size=3, stride=2),

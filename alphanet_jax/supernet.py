@@ -199,9 +199,10 @@ def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) ->
 def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, space: SearchSpace,
             train: bool, dtype: Any = jnp.float32, bn_eps: float = 1e-5, axis_name: str | None = None,
             dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
-            drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True
-            ) -> tuple[Array, dict | None]:
-    """Logits (float32) and, in train mode, this batch's BN statistics."""
+            drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True,
+            collect_stats: bool = False) -> tuple[Array, dict | None]:
+    """Logits (float32) and, with `collect_stats` in train mode, this batch's BN statistics."""
+    collect_stats = collect_stats and train
     chex.assert_rank(images, 4)
     if images.shape[-1] != space.in_channels:
         raise ValueError(f"images have {images.shape[-1]} channels, the space expects {space.in_channels} "
@@ -221,12 +222,13 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         p, s = params[name], stats[name]
 
         def run(x, p=p, s=s, e=e, b=b):
-            return _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
-                                  dc_rate=dc_rate, dc_static_rate=dc_rates[b.index], rng=rng)
+            y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
+                                   dc_rate=dc_rate, dc_static_rate=dc_rates[b.index], rng=rng)
+            return y, (ns if collect_stats else None)
 
         def skip(x, s=s, b=b):
             # An inactive block is the identity and leaves its statistics as they were.
-            return layers.fit_channels(x, b.max_out), (s if train else None)
+            return layers.fit_channels(x, b.max_out), (s if collect_stats else None)
 
         if b.position < min(space.stages[b.stage].depths):  # runs in every subnet
             x, ns = run(x)
@@ -235,8 +237,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         else:
             y, ns = run(x)
             x = jnp.where(enc.active[b.index] > 0, y, layers.fit_channels(x, b.max_out))
-        if train:
-            new[name] = ns
+        new[name] = ns
     # Head (spec §2.4): expand + BN + act, pool, feature mix (no BN, no bias) + act, dropout, classifier.
     act = layers.activation(space.act)
     last = space.blocks[-1].max_out
@@ -258,7 +259,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
     cp = params["classifier"]
     logits = x @ (cp["kernel"] * hw_m[:, None]).astype(dtype) + cp["bias"].astype(dtype)
-    return logits.astype(jnp.float32), (new if train else None)
+    return logits.astype(jnp.float32), (new if collect_stats else None)
 
 
 class Supernet(nn.Module):
@@ -323,8 +324,9 @@ class Supernet(nn.Module):
                               bn_eps=self.bn_eps, axis_name=self.bn_axis_name, dropout_rate=dropout_rate,
                               drop_connect_rate=drop_connect_rate, rng=rng,
                               drop_connect_only_last_two_stages=self.drop_connect_only_last_two_stages,
-                              skip_inactive=self.skip_inactive)
-        if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+                              skip_inactive=self.skip_inactive,
+                              collect_stats=self.is_mutable_collection("batch_stats"))
+        if new is not None:
             for k, var in stat_vars.items():
                 var.value = new[k]
         return logits

@@ -18,14 +18,14 @@ from alphanet_jax.supernet import Supernet, init_variables
 SPACE = get_space("tiny")
 BATCH = 16  # global batch: 2 examples per device on the 8-device mesh
 
-# A subnet with inactive stem/stage channels, skipped blocks and a 3x3 kernel, resized 32 -> 24 in-model.
-SUB_A = SubnetConfig(resolution=24, width=[8, 16, 16, 32, 48], depth=[1, 2, 1], kernel_size=[3, 5, 3],
+# A subnet with inactive stem/stage channels, skipped blocks and a 3x3 kernel, resized 32 -> 16 in-model.
+SUB_A = SubnetConfig(resolution=16, width=[8, 16, 16, 32, 48], depth=[1, 2, 1], kernel_size=[3, 5, 3],
                      expand_ratio=[1, 3, 2])
-SUBS_32 = [SubnetConfig(resolution=32, width=[16, 8, 24, 24, 64], depth=[2, 1, 2], kernel_size=[5, 3, 5],
+SUBS_32 = [SubnetConfig(resolution=24, width=[16, 8, 24, 24, 64], depth=[2, 1, 2], kernel_size=[5, 3, 5],
                         expand_ratio=[1, 2, 3]),
-           SubnetConfig(resolution=32, width=[8, 8, 16, 24, 48], depth=[1, 1, 1], kernel_size=[3, 3, 3],
+           SubnetConfig(resolution=24, width=[8, 8, 16, 24, 48], depth=[1, 1, 1], kernel_size=[3, 3, 3],
                         expand_ratio=[1, 2, 2]),
-           SubnetConfig(resolution=32, width=[16, 16, 24, 32, 64], depth=[2, 2, 2], kernel_size=[5, 5, 5],
+           SubnetConfig(resolution=24, width=[16, 16, 24, 32, 64], depth=[2, 2, 2], kernel_size=[5, 5, 5],
                         expand_ratio=[1, 3, 3])]
 
 
@@ -150,7 +150,7 @@ def test_evaluation_counts_are_exact_with_padding(setup):
 
 
 def test_one_program_per_resolution(setup):
-    """Three subnets at r=32 and two at r=24: one calibration and one evaluation program per resolution."""
+    """Three subnets at r=24 and two at r=16: one calibration and one evaluation program per resolution."""
     model, v, calib, mesh = setup["model"], setup["variables"], setup["calib"], setup["mesh"]
     ev = E.get_evaluator(model, mesh)
     assert E.get_evaluator(Supernet(space=SPACE), mesh) is ev  # cached per (model, mesh)

@@ -1,5 +1,6 @@
 """The masked supernet computes what the sliced (reference-style) subnet computes."""
 
+import json
 import random
 
 import jax
@@ -97,7 +98,7 @@ def test_one_program_per_resolution_over_many_subnets(tiny_vars):
     x = jnp.ones((2, 32, 32, 3))
     seen = set()
     while len(seen) < 12:
-        s = ss.sample_subnet(TINY, rng).replace(resolution=32)
+        s = ss.sample_subnet(TINY, rng).replace(resolution=24)
         seen.add(s)
         f(tiny_vars, x, supernet.encode(s, TINY))
     assert len(traces) == 1 and f._cache_size() == 1
@@ -227,9 +228,14 @@ def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
     m2, sv2 = export.load_subnet_model(str(tmp_path / "net"))
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
     np.testing.assert_array_equal(np.asarray(m.apply(sv, x)), np.asarray(m2.apply(sv2, x)))
-    (tmp_path / "net" / "config.json").write_text((tmp_path / "net" / "config.json").read_text().replace(
-        '"subnet": {', '"subnet": {"x": 1, ').replace(str(s.width[0]) + ",", "999,", 1))
-    with pytest.raises(ValueError):
+    cfg_path = tmp_path / "net" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    other = TINY.max_subnet() if s != TINY.max_subnet() else TINY.min_subnet()
+    cfg_path.write_text(json.dumps(dict(meta, subnet=other.to_dict())))
+    with pytest.raises(ValueError, match="do not fit the subnet"):
+        export.load_subnet_model(str(tmp_path / "net"))
+    cfg_path.write_text(json.dumps(dict(meta, subnet=dict(meta["subnet"], resolution=999))))
+    with pytest.raises(ss.SearchSpaceError, match="resolution 999"):
         export.load_subnet_model(str(tmp_path / "net"))
     with pytest.raises(FileNotFoundError, match="not an exported subnet"):
         export.load_subnet_model(str(tmp_path / "nothing"))

@@ -1,0 +1,458 @@
+"""Sandwich-rule supernet training with in-place alpha-divergence distillation (spec §6).
+
+One step: the max subnet (dropout and drop-connect on) learns from labels with
+label-smoothed CE; its logits, without gradient, teach `num_arch_training - 2`
+uniform random subnets and the min subnet; gradients add up over the subnets,
+are clipped element-wise, and one SGD (Nesterov) update follows.
+
+Compiled programs: one for the max subnet, one per resolution for the students
+(the architecture enters as arrays, so every subnet of a resolution shares it),
+one for the update: at most `len(resolutions) + 2`, whatever the subnets.
+BN statistics are per device (the reference's `sync_bn: False`) by running the
+forward inside `shard_map`; `model.sync_bn=True` averages them over all devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from alphanet_jax import checkpoint as ckpt_lib
+from alphanet_jax import data as data_lib
+from alphanet_jax import evaluate as eval_lib
+from alphanet_jax import losses
+from alphanet_jax import mesh as mesh_lib
+from alphanet_jax.search_space import SearchSpace, get_space, sandwich_subnets
+from alphanet_jax.supernet import EncodedSubnet, Supernet, encode
+
+Array = jax.Array
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+# ----------------------------------------------------------------------------
+# Recipe pieces
+# ----------------------------------------------------------------------------
+
+
+def scaled_base_lr(config: ml_collections.ConfigDict) -> float:
+    """base_lr x max(1, global_batch // lr_batch_unit) (spec §6.5)."""
+    o = config.optim
+    return o.base_lr * max(1, config.batch_size // o.lr_batch_unit)
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: int
+                     ) -> Callable[[Any], Array]:
+    """The reference's per-iteration warm-up x cosine: lr(t) = base * w(t) * (1 + cos(pi t / T)) / 2.
+
+    The warm-up factor w(t) = f + (1 - f) t / warmup *multiplies* a cosine that runs
+    over all T iterations, warm-up included (spec §6.5).
+    """
+    base = scaled_base_lr(config)
+    f = config.optim.warmup_start_factor
+
+    def lr(t):
+        t = jnp.asarray(t, jnp.float32)
+        w = jnp.where(t < warmup_steps, f + (1.0 - f) * t / max(warmup_steps, 1), 1.0)
+        return base * w * 0.5 * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+
+    return lr
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for conv and linear weights (`kernel`), False for BN affine and biases (spec §6.4)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, lr: Callable) -> optax.GradientTransformation:
+    """clip by value -> weight decay on kernels -> SGD Nesterov: PyTorch's order (spec §6.4)."""
+    o = config.optim
+    return optax.chain(
+        optax.clip(o.grad_clip_value),
+        optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask),
+        optax.sgd(lr, momentum=o.momentum, nesterov=o.nesterov))
+
+
+def compute_dtype(name: str) -> Any:
+    """'float32', 'bfloat16', or 'auto' (bfloat16 on GPU/TPU, float32 on CPU)."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    if name in ("float32", "bfloat16"):
+        return jnp.dtype(name)
+    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+
+
+def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_training: bool = True) -> Supernet:
+    m = config.model
+    return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
+                    bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
+                    drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
+                    skip_inactive=m.skip_inactive_blocks)
+
+
+def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array, Array], Array]:
+    """Per-example loss of a student given (logits, teacher logits, labels)."""
+    s = config.sandwich
+    if s.distill == "alpha":
+        return lambda z, t, y: losses.adaptive_alpha_divergence(z, t, s.alpha_min, s.alpha_max, s.iw_clip)
+    if s.distill == "kl":
+        return lambda z, t, y: losses.soft_cross_entropy(z, t)
+    if s.distill == "none":
+        return lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, s.label_smoothing)
+    raise ValueError(f"sandwich.distill must be 'alpha', 'kl' or 'none', got {s.distill!r}")
+
+
+# ----------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------
+
+
+def init_state(model: Supernet, tx: optax.GradientTransformation, seed: int) -> dict:
+    """{step, params, batch_stats, opt_state, bad_streak}: a plain dict, big_vision style."""
+    space = model.space
+    r = min(space.resolutions)
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, r, r, space.in_channels)), space.min_subnet())
+    params = variables["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": variables["batch_stats"],
+            "opt_state": tx.init(params), "bad_streak": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32)}
+
+
+def create_state(model: Supernet, tx: optax.GradientTransformation, seed: int, mesh) -> tuple[dict, Any]:
+    """The train state created directly replicated on the mesh (shapes via eval_shape)."""
+    abstract = jax.eval_shape(functools.partial(init_state, model, tx, seed))
+    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract)
+    state = jax.jit(functools.partial(init_state, model, tx, seed), out_shardings=shardings)()
+    return state, shardings
+
+
+def abstract_state(model: Supernet, tx: optax.GradientTransformation, mesh) -> Any:
+    abstract = jax.eval_shape(functools.partial(init_state, model, tx, 0))
+    rep = mesh_lib.replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract)
+
+
+# ----------------------------------------------------------------------------
+# The sandwich step
+# ----------------------------------------------------------------------------
+
+
+class SandwichStep:
+    """Compiled pieces of one sandwich step; `__call__` runs a whole step without host sync."""
+
+    def __init__(self, model: Supernet, tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                 mesh):
+        self.model, self.tx, self.mesh = model, tx, mesh
+        s = config.sandwich
+        self.dropout, self.drop_connect = float(s.dropout), float(s.drop_connect)
+        self.smoothing = float(s.label_smoothing)
+        self.distill = distill_loss_fn(config)
+        self.clip = float(config.optim.grad_clip_value)
+        donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
+        self.teacher_fn = jax.jit(self._teacher)
+        self.student_fn = jax.jit(self._student, donate_argnums=(2,) if donate else ())
+        self.update_fn = jax.jit(self._update, donate_argnums=(0, 1) if donate else ())
+
+    # One forward over the local (per-device) batch; the loss is averaged over devices.
+    def _sharded_forward(self, loss_fn: Callable, with_dropout: bool):
+        model = self.model
+
+        def per_device(params, batch_stats, images, labels, teacher, enc, rng):
+            rngs = {}
+            if with_dropout:
+                rngs = {"dropout": jax.random.fold_in(rng, jax.lax.axis_index(mesh_lib.DATA))}
+            logits = model.apply({"params": params, "batch_stats": batch_stats}, images, enc, train=True,
+                                 dropout_rate=self.dropout if with_dropout else 0.0,
+                                 drop_connect_rate=self.drop_connect if with_dropout else 0.0, rngs=rngs)
+            loss = jnp.mean(loss_fn(logits, teacher, labels))
+            acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+            return jax.lax.pmean(loss, mesh_lib.DATA), jax.lax.pmean(acc, mesh_lib.DATA), logits
+
+        d = P(mesh_lib.DATA)
+        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d, P(), P()),
+                             out_specs=(P(), P(), d))
+
+    def _teacher(self, params, batch_stats, images, labels, enc, rng):
+        fwd = self._sharded_forward(lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, self.smoothing),
+                                    with_dropout=True)
+
+        def loss(p):
+            l, acc, logits = fwd(p, batch_stats, images, labels, jnp.zeros_like(labels), enc, rng)
+            return l, (acc, logits)
+
+        (l, (acc, logits)), g = jax.value_and_grad(loss, has_aux=True)(params)
+        return g, jax.lax.stop_gradient(logits), {"loss": l, "acc": acc}
+
+    def _student(self, params, batch_stats, grads, images, labels, teacher, enc):
+        fwd = self._sharded_forward(self.distill, with_dropout=False)
+
+        def loss(p):
+            l, acc, _ = fwd(p, batch_stats, images, labels, teacher, enc, jnp.zeros((2,), jnp.uint32))
+            return l, acc
+
+        (l, acc), g = jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.tree.map(jnp.add, grads, g), {"loss": l, "acc": acc}
+
+    def _update(self, state, grads):
+        leaves = jax.tree.leaves(grads)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+        n = sum(g.size for g in leaves)
+        grad_norm = optax.global_norm(grads)
+        clipped = sum(jnp.sum(jnp.abs(g) > self.clip) for g in leaves) / n
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new = dict(state, step=state["step"] + 1, params=keep(params, state["params"]),
+                   opt_state=keep(opt_state, state["opt_state"]),
+                   bad_streak=jnp.where(finite, 0, state["bad_streak"] + 1),
+                   skipped=state["skipped"] + jnp.where(finite, 0, 1))
+        return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}
+
+    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array
+                 ) -> tuple[dict, dict]:
+        images, labels = batch["image"], batch["label"]
+        params, bs = state["params"], state["batch_stats"]
+        grads, teacher, m = self.teacher_fn(params, bs, images, labels, encs[0], rng)
+        metrics = {"max/loss": m["loss"], "max/acc": m["acc"]}
+        for i, enc in enumerate(encs[1:], start=1):
+            grads, m = self.student_fn(params, bs, grads, images, labels, teacher, enc)
+            role = "min" if i == len(encs) - 1 else f"random{i}"
+            metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
+        state, m = self.update_fn(state, grads)
+        metrics.update(m)
+        return state, metrics
+
+    def num_compiled(self) -> int:
+        return self.teacher_fn._cache_size() + self.student_fn._cache_size() + self.update_fn._cache_size()
+
+
+# ----------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------
+
+
+class MetricWriter:
+    """TensorBoard event files (process 0 only) plus a JSON-lines copy for scripts."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover
+                logging.warning("tensorboardX is not installed: writing metrics.jsonl only")
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _fmt_progress(step: int, total: int, s: Mapping[str, float]) -> str:
+    parts = [f"step {step}/{total}", f"lr {s['lr']:.4g}"]
+    for role in ("max", "random1", "random2", "min"):
+        if f"{role}/loss" in s:
+            parts.append(f"{role} {s[role + '/loss']:.3f}/{100 * s[role + '/acc']:.0f}%")
+    parts += [f"|g| {s['grad_norm']:.3g}", f"clip {100 * s['clip_fraction']:.1f}%",
+              f"{s['images_per_sec']:.0f} img/s", f"{1000 * s['step_time']:.0f} ms"]
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------
+# Validation during training
+# ----------------------------------------------------------------------------
+
+
+def validate(config, model_eval: Supernet, variables: dict, mesh, subnets: Mapping[str, Any]) -> dict:
+    """BN calibration + evaluation of named subnets (spec §6.6); returns {name: row}."""
+    e = config.eval
+    pi, pc = jax.process_index(), jax.process_count()
+    out = {}
+    for name, subnet in subnets.items():
+        calib = data_lib.make_calibration_iterator(config.data, batch_size=e.calib_batch_size // pc,
+                                                   seed=e.calib_seed, process_index=pi, process_count=pc)
+        evals = data_lib.make_eval_iterator(config.data, batch_size=e.batch_size // pc, process_index=pi,
+                                            process_count=pc)
+        out[name] = eval_lib.calibrate_and_evaluate(model_eval, variables, subnet, calib, evals, mesh=mesh,
+                                                    num_calib_batches=e.calib_batches)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+
+def resolve_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from epochs or explicit steps."""
+    total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+    warm = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * steps_per_epoch
+    if total < 1:
+        raise ValueError(f"training would run {total} steps: set num_epochs or total_steps "
+                         f"(steps per epoch = {steps_per_epoch})")
+    return int(total), int(warm)
+
+
+def checkpoint_meta(config: ml_collections.ConfigDict, space: SearchSpace) -> dict:
+    return {"space": space.to_dict(), "config": json.loads(config.to_json_best_effort())}
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> tuple[dict, int]:
+    """Supernet variables {params, batch_stats} of the newest checkpoint in `workdir`."""
+    space = get_space(config.space)
+    mesh = mesh or mesh_lib.make_mesh(-1)
+    model = make_model(config, space)
+    tx = make_optimizer(config, lambda t: 0.0)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    try:
+        step = ckpt_lib.find_latest_valid(ck)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first "
+                                    f"(python launch.py --config=... --workdir={workdir})")
+        state, _, _ = ck.restore(step, abstract_state(model, tx, mesh), checkpoint_meta(config, space))
+    finally:
+        ck.close()
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the supernet in `workdir`, resuming from its newest checkpoint; returns final metrics."""
+    mesh_lib.initialize_distributed(config.distributed)
+    space = get_space(config.space)
+    mesh = mesh_lib.make_mesh(config.mesh.data)
+    host_bs = mesh_lib.host_batch_size(config.batch_size, mesh)
+    pi, pc = jax.process_index(), jax.process_count()
+    info = data_lib.dataset_info(config.data)
+    if info["num_classes"] != space.num_classes:
+        raise ValueError(f"the dataset has {info['num_classes']} classes but the search space "
+                         f"{space.name!r} has num_classes={space.num_classes}; set config.space.num_classes")
+    is_main = pi == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=1))
+
+    model = make_model(config, space)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+    start = ckpt_lib.find_latest_valid(ck)
+    data_state = None
+    # Steps per epoch come from the iterator (whole batches per host).
+    probe = data_lib.make_train_iterator(config.data, batch_size=host_bs, seed=config.seed, process_index=pi,
+                                         process_count=pc)
+    steps_per_epoch = probe.steps_per_epoch
+    del probe
+    total_steps, warmup_steps = resolve_schedule(config, steps_per_epoch)
+    lr = learning_rate_fn(config, total_steps, warmup_steps)
+    tx = make_optimizer(config, lr)
+    meta = checkpoint_meta(config, space)
+    if start is not None:
+        state, data_state, _ = ck.restore(start, abstract_state(model, tx, mesh), meta)
+        logging.info("resumed from %s/checkpoints/%d", workdir, start)
+    else:
+        state, _ = create_state(model, tx, config.seed, mesh)
+    first_step = int(jax.device_get(state["step"]))
+    it = data_lib.make_train_iterator(config.data, batch_size=host_bs, seed=config.seed, process_index=pi,
+                                      process_count=pc, state=data_state)
+    batches = data_lib.prefetch(it, config.data_prefetch) if config.data_prefetch > 0 else it
+    step_fn = SandwichStep(model, tx, config, mesh)
+    writer = MetricWriter(workdir, is_main)
+    model_eval = make_model(config, space, for_training=False)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+    log = print if is_main else (lambda *a, **k: None)
+    log(f"training {space.name!r} supernet: {total_steps} steps ({steps_per_epoch}/epoch), global batch "
+        f"{config.batch_size} on {mesh.devices.size} devices x {pc} processes, start at step {first_step}")
+    base_key = jax.random.PRNGKey(config.seed)
+    summary: dict[str, Any] = {}
+    last_metrics: dict[str, float] = {}
+    t_last, n_last = time.perf_counter(), 0
+    compiled_after_warmup = None
+    try:
+        for step in range(first_step, total_steps):
+            batch = mesh_lib.to_global(next(batches), mesh)
+            subnets = sandwich_subnets(space, config.seed, step, config.sandwich.num_arch_training)
+            encs = [encode(s, space) for s in subnets]
+            state, metrics = step_fn(state, batch, encs, jax.random.fold_in(base_key, step))
+            n_last += 1
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == total_steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = (time.perf_counter() - t_last) / n_last
+                m.update(lr=float(lr(step)), step_time=dt, images_per_sec=config.batch_size / dt,
+                         skipped=int(state["skipped"]), compiled_programs=step_fn.num_compiled())
+                t_last, n_last = time.perf_counter(), 0
+                writer.write(done, m)
+                log(_fmt_progress(done, total_steps, m), flush=True)
+                last_metrics = m
+                streak = int(state["bad_streak"])
+                if streak >= config.max_consecutive_bad_steps:
+                    raise TrainingError(
+                        f"{streak} consecutive steps had non-finite gradients (last at step {done}); updates "
+                        f"were skipped. Lower optim.base_lr or check the data; the last checkpoint is intact")
+                if done >= config.log_every_steps * 3 and compiled_after_warmup is None:
+                    compiled_after_warmup = step_fn.num_compiled()
+            if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < total_steps \
+                    and info["num_val"] > 0:
+                _validate_and_log(config, model_eval, state, mesh, space, writer, done, log)
+            save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or stop["signal"]
+            if save_now:
+                ck.save(done, state, batches.get_state(), meta)
+            if stop["signal"]:
+                log(f"SIGTERM: saved step {done}, exiting", flush=True)
+                break
+        ck.wait()
+        summary = dict(last_metrics, steps=int(state["step"]), compiled_programs=step_fn.num_compiled(),
+                       compiled_after_warmup=compiled_after_warmup)
+        if not stop["signal"] and config.eval.at_end and info["num_val"] > 0:
+            summary["eval"] = _validate_and_log(config, model_eval, state, mesh, space, writer, total_steps, log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ck.close()
+        writer.close()
+        if hasattr(batches, "close"):
+            batches.close()
+    summary["state"] = state
+    summary["interrupted"] = bool(stop["signal"])
+    return summary
+
+
+def _validate_and_log(config, model_eval, state, mesh, space, writer, step, log) -> dict:
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    rows = validate(config, model_eval, variables, mesh, {"min": space.min_subnet(), "max": space.max_subnet()})
+    writer.write(step, {f"val/{k}/top1": r["top1"] for k, r in rows.items()} |
+                 {f"val/{k}/top5": r["top5"] for k, r in rows.items()})
+    log(" | ".join(f"val {k}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% ({r['mflops']:.1f} MFLOPs)"
+                   for k, r in rows.items()), flush=True)
+    return rows

@@ -1,0 +1,29 @@
+r"""AlphaNet supernet training on ImageNet: the reference recipe (spec §6).
+
+  python launch.py --config=configs/alphanet.py --workdir=/tmp/alphanet \
+      --config.data.root=/path/to/imagenet        # ImageFolder: train/<class>/*.JPEG, val/<class>/*
+
+Global batch 2048 (base lr 0.1 x 2048/256), 5 warm-up + 360 epochs, sandwich rule with the adaptive
+alpha-divergence, AutoAugment v0. Arguments after the colon:
+  :tfds            read the prepared TFDS `imagenet2012` instead of an ImageFolder
+  :hw=gpu8         hardware presets (cpu | gpu | gpu8 | tpu): dtype and per-host loader threads
+Every field can be overridden: --config.batch_size=1024 --config.sandwich.distill=kl
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, tfds=False, hw="gpu")
+    c = common.base_config("alphanet", "tfds" if a["tfds"] else "imagefolder")
+    if a["hw"] == "cpu":
+        c.model.dtype = "float32"
+    elif a["hw"] in ("gpu", "gpu8", "tpu"):
+        c.model.dtype = "bfloat16"
+    else:
+        raise ValueError(f"unknown hw {a['hw']!r}: cpu, gpu, gpu8 or tpu")
+    c.checkpoint.every_steps = 625  # about one epoch at batch 2048
+    c.eval.every_steps = 625 * 10
+    c.eval.calib_batch_size = 256
+    c.eval.calib_batches = 64
+    return c

@@ -1,0 +1,63 @@
+"""Shared config pieces: the sections every run has, with the reference's values (spec §6)."""
+
+import ml_collections
+
+from alphanet_jax import data, search, search_space
+
+
+def parse_arg(arg, **defaults):
+    """'key=value,flag' -> dict with typed values (big_vision style `--config=file.py:arg`)."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("", "1", "true", "yes")
+        else:
+            out[key] = type(default)(value) if value else default
+    return out
+
+
+def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.run = "train"  # comma-separated: train, evaluate, search, export
+    c.seed = 0
+    c.space = ml_collections.ConfigDict(search_space.SPACES[space])
+
+    c.data = data.default_config(data_source)
+    c.data_prefetch = 2  # batches decoded ahead in a background thread (0: off)
+
+    c.batch_size = 2048  # global, over all devices and hosts
+    c.num_epochs = 360
+    c.warmup_epochs = 5
+    c.total_steps = -1   # > 0 overrides num_epochs
+    c.warmup_steps = -1  # >= 0 overrides warmup_epochs
+
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=0.1, lr_batch_unit=256, warmup_start_factor=0.001, momentum=0.9, nesterov=True,
+        weight_decay=1e-5, grad_clip_value=1.0))
+    c.sandwich = ml_collections.ConfigDict(dict(
+        num_arch_training=4, distill="alpha", alpha_min=-1.0, alpha_max=1.0, iw_clip=5.0,
+        label_smoothing=0.1, dropout=0.2, drop_connect=0.2, drop_connect_only_last_two_stages=True))
+    # skip_inactive_blocks: lax.cond skips depth-inactive blocks (saves work on accelerators; on CPU the
+    # cond's backward pass measured ~3x slower than computing the block and selecting).
+    c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks=False))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1))  # devices on the data axis (-1: all)
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=0, process_id=-1, auto=False))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.log_every_steps = 50
+    c.max_consecutive_bad_steps = 20
+
+    # Validation of the min and max subnets during training, and the `evaluate` task.
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=0, at_end=True, calib_batches=64, calib_batch_size=256, calib_seed=5, batch_size=256,
+        subnets="a0,a1,a2,a3,a4,a5,a5_1,a6", checkpoint=""))
+    c.search = search.default_config()
+    c.search.calib_batches = 32
+    c.export = ml_collections.ConfigDict(dict(subnet="", max_mflops=0.0, directory=""))
+    return c
