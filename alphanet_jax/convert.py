@@ -171,6 +171,10 @@ def _bn(prefix: str, path: tuple[str, ...], c: int) -> Iterator[TensorSpec | _Bu
 
 def _entries(space: SearchSpace) -> list[TensorSpec | _Buffer]:
     """Every official state-dict entry in the reference's registration order."""
+    if space.head_kind != "v3" or space.shortcut != "always":
+        raise ValueError(f"search space {space.name!r} ({space.head_kind!r} head, shortcut {space.shortcut!r}) "
+                         f"has no AttentiveNAS/AlphaNet PyTorch checkpoint format: the converter covers spaces "
+                         f"with a 'v3' head and 'always' shortcuts")
     out: list[TensorSpec | _Buffer] = []
     c0, k0 = max(space.stem_widths), space.stem_kernel
     out.append(TensorSpec("first_conv.conv.conv.weight", "params", ("stem", "kernel"), "conv",

@@ -65,10 +65,16 @@ class StaticSubnet(nn.Module):
         for j, b in enumerate(rs.blocks):
             x = _StaticBlock(b, self.bn_eps, dt, name=f"blocks{j}")(x, train)
         c = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
-        hp = self.param("head", lambda k: {
-            "expand": {"kernel": jnp.zeros((c, rs.head_expand))},
-            "expand_bn": {"scale": jnp.ones((rs.head_expand,)), "bias": jnp.zeros((rs.head_expand,))},
-            "feature_mix": {"kernel": jnp.zeros((rs.head_expand, rs.head_width))}})
+        v3 = space.head_kind == "v3"
+
+        def init_head(k):
+            h = {"expand": {"kernel": jnp.zeros((c, rs.head_expand))},
+                 "expand_bn": {"scale": jnp.ones((rs.head_expand,)), "bias": jnp.zeros((rs.head_expand,))}}
+            if v3:
+                h["feature_mix"] = {"kernel": jnp.zeros((rs.head_expand, rs.head_width))}
+            return h
+
+        hp = self.param("head", init_head)
         hs = self.variable("batch_stats", "head", lambda: {"expand_bn": {
             "mean": jnp.zeros((rs.head_expand,)), "var": jnp.ones((rs.head_expand,))}})
         x = layers.pointwise(x, hp["expand"]["kernel"])
@@ -77,7 +83,8 @@ class StaticSubnet(nn.Module):
             hs.value = {"expand_bn": new}
         x = act(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)
-        x = act(x @ hp["feature_mix"]["kernel"].astype(dt))
+        if v3:
+            x = act(x @ hp["feature_mix"]["kernel"].astype(dt))
         cp = self.param("classifier", lambda k: {"kernel": jnp.zeros((rs.head_width, space.num_classes)),
                                                  "bias": jnp.zeros((space.num_classes,))})
         return (x @ cp["kernel"].astype(dt) + cp["bias"].astype(dt)).astype(jnp.float32)
@@ -118,8 +125,10 @@ class _StaticBlock(nn.Module):
             g = layers.hard_sigmoid(z @ se_e["kernel"] + se_e["bias"])
             h = h * g[:, None, None, :].astype(h.dtype)
         h = bn("project_bn", layers.pointwise(h, kernel("project", (b.mid, b.out_ch))), b.out_ch)
+        if b.shortcut == "none":  # MobileNetV2: no residual when strided or the widths change
+            return h
         sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
-        if b.in_ch != b.out_ch:
+        if b.shortcut in ("conv", "pool_conv"):
             sc = layers.pointwise(sc, kernel("shortcut", (b.in_ch, b.out_ch)))
         return h + sc
 
@@ -155,14 +164,15 @@ def slice_variables(variables: dict, subnet: SubnetConfig, space: SearchSpace | 
         q["project"] = {"kernel": bp["project"]["kernel"][: b.mid, : b.out_ch]}
         q["project_bn"], t["project_bn"] = _slice_bn(bp["project_bn"], b.out_ch), _slice_bn(bs["project_bn"],
                                                                                              b.out_ch)
-        if b.in_ch != b.out_ch:
+        if b.shortcut in ("conv", "pool_conv"):
             q["shortcut"] = {"kernel": bp["shortcut"]["kernel"][: b.in_ch, : b.out_ch]}
         p[f"blocks{j}"], s[f"blocks{j}"] = q, t
     c = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
     H = P["head"]
     p["head"] = {"expand": {"kernel": H["expand"]["kernel"][:c, : rs.head_expand]},
-                 "expand_bn": _slice_bn(H["expand_bn"], rs.head_expand),
-                 "feature_mix": {"kernel": H["feature_mix"]["kernel"][: rs.head_expand, : rs.head_width]}}
+                 "expand_bn": _slice_bn(H["expand_bn"], rs.head_expand)}
+    if space.head_kind == "v3":
+        p["head"]["feature_mix"] = {"kernel": H["feature_mix"]["kernel"][: rs.head_expand, : rs.head_width]}
     s["head"] = {"expand_bn": _slice_bn(S["head"]["expand_bn"], rs.head_expand)}
     p["classifier"] = {"kernel": P["classifier"]["kernel"][: rs.head_width], "bias": P["classifier"]["bias"]}
     return {"params": p, "batch_stats": s}

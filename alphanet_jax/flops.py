@@ -5,6 +5,13 @@ reference's (spec §5.1): a conv costs C_in x C_out x H_out x W_out x k^2 / grou
 a linear layer in x out; BN, activations, pooling, the SE multiply, residual
 adds, biases and the input resize are free; both SE 1x1 convs count (on 1x1
 maps) and a shortcut 1x1 conv counts only when it runs.
+
+The same rules cover both head kinds ('v3': final expand + feature mix; 'v2': one
+1x1 conv) and shortcut modes ('identity_when_same' has no shortcut layers). For
+the slimmable MobileNetV2 space at 224 this gives 300.77 MFLOPs / 3,504,872
+params at 1.0x (MobileNetV2's published 300 M multiply-adds, 3.4 M params; the
+exact parameter count of torchvision's mobilenet_v2 with BN) and 59.29 MFLOPs at
+0.35x (published 59 M).
 """
 
 from __future__ import annotations
@@ -36,11 +43,12 @@ def layer_flops(subnet: SubnetConfig, space: SearchSpace | None = None) -> list[
         out.append((f"{name}.project", _conv(b.mid, b.out_ch, size)))
         if b.se_mid:
             out.append((f"{name}.se", 2 * _conv(b.mid, b.se_mid, 1)))
-        if b.in_ch != b.out_ch:
+        if b.shortcut in ("conv", "pool_conv"):
             out.append((f"{name}.shortcut", _conv(b.in_ch, b.out_ch, size)))
     last = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
     out.append(("head.final_expand", _conv(last, rs.head_expand, size)))
-    out.append(("head.feature_mix", _conv(rs.head_expand, rs.head_width, 1)))
+    if space.head_kind == "v3":
+        out.append(("head.feature_mix", _conv(rs.head_expand, rs.head_width, 1)))
     out.append(("classifier", float(rs.head_width * space.num_classes)))
     return out
 
@@ -68,11 +76,12 @@ def param_shapes(subnet: SubnetConfig, space: SearchSpace | None = None,
         if b.se_mid:
             n[f"{name}.se"] = 2 * b.mid * b.se_mid + b.mid + b.se_mid
         n[f"{name}.project"] = b.mid * b.out_ch + 2 * b.out_ch
-        if b.in_ch != b.out_ch or include_unused_shortcuts:
+        if b.shortcut in ("conv", "pool_conv") or (include_unused_shortcuts and space.shortcut == "always"):
             n[f"{name}.shortcut"] = b.in_ch * b.out_ch
     last = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
     n["head.final_expand"] = last * rs.head_expand + 2 * rs.head_expand
-    n["head.feature_mix"] = rs.head_expand * rs.head_width
+    if space.head_kind == "v3":
+        n["head.feature_mix"] = rs.head_expand * rs.head_width
     n["classifier"] = rs.head_width * space.num_classes + space.num_classes
     return n
 

@@ -1,4 +1,4 @@
-"""The masked AlphaNet supernet (Flax Linen).
+"""The masked supernet (Flax Linen), for every search-space family (AlphaNet, slimmable MobileNetV2).
 
 Every weight is held at its maximum shape (spec §1.2). A subnet enters as
 arrays (`EncodedSubnet`): elastic width, expand ratio, kernel size and SE width
@@ -12,9 +12,16 @@ Variables: `params` and `batch_stats`, nested by layer:
   block{i}: expand{kernel [in,mid]}, expand_bn, dw{kernel [k,k,1,mid]}, dw_bn,
             se_reduce{kernel [mid,m], bias}, se_expand{kernel [m,mid], bias},
             project{kernel [mid,out]}, project_bn, shortcut{kernel [in,out]}
-  head: expand{kernel [w7,6*w7]}, expand_bn, feature_mix{kernel [6*w7,w_last]}
+            (expand only when the stage expands, se_* only in SE stages, shortcut only when
+            the space's shortcut is 'always')
+  head ('v3'): expand{kernel [w7,6*w7]}, expand_bn, feature_mix{kernel [6*w7,w_last]}
+  head ('v2'): expand{kernel [w7,w_last]}, expand_bn   (MobileNetV2's last 1x1 conv + BN)
   classifier{kernel [w_last, classes], bias}
 batch_stats mirror the *_bn entries with {mean, var}.
+
+Shortcuts follow the space: 'always' (AttentiveNAS: identity, 2x2 avg-pool when strided,
+1x1 conv when the active widths differ) or 'identity_when_same' (MobileNetV2: the input is
+added only when the block has stride 1 and equal active in/out widths, decided at run time).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class EncodedSubnet:
     se: Array            # int32 [num_blocks]
     head_expand: Array   # int32 []
     head_width: Array    # int32 []
+    head_in: Array       # int32 [] the last stage's active width
     resolution: int = flax.struct.field(pytree_node=False)
 
 
@@ -66,7 +74,8 @@ def encode(subnet: SubnetConfig | EncodedSubnet, space: SearchSpace | None = Non
                      ("kernel", b.kernel), ("se", b.se_mid)):
             cols[k][b.index] = v
     return EncodedSubnet(stem=np.int32(rs.stem_width), head_expand=np.int32(rs.head_expand),
-                         head_width=np.int32(rs.head_width), resolution=subnet.resolution, **cols)
+                         head_width=np.int32(rs.head_width), head_in=np.int32(rs.head_in),
+                         resolution=subnet.resolution, **cols)
 
 
 def stack_encoded(encs: list[EncodedSubnet]) -> EncodedSubnet:
@@ -79,7 +88,7 @@ def stack_encoded(encs: list[EncodedSubnet]) -> EncodedSubnet:
 
 # ----------------------------------------------------------------------------
 # Initialisation (spec §2.9): PyTorch defaults on the max tensors, zero gamma on
-# every block's last BN.
+# every block's last BN (only in spaces whose blocks are all residual, see init_block).
 # ----------------------------------------------------------------------------
 
 
@@ -114,7 +123,8 @@ def init_block(key: Array, b: BlockSpec) -> dict:
         specs["se_expand.kernel"] = ((b.max_se, b.max_mid), b.max_se)
         specs["se_expand.bias"] = ((b.max_mid,), b.max_se)
     specs["project"] = ((b.max_mid, b.max_out), b.max_mid)
-    specs["shortcut"] = ((b.max_in, b.max_out), b.max_in)
+    if b.shortcut_mode == "always":
+        specs["shortcut"] = ((b.max_in, b.max_out), b.max_in)
     t = _uniform_tensors(key, specs)
     p: dict[str, Any] = {}
     if b.has_expand:
@@ -126,8 +136,12 @@ def init_block(key: Array, b: BlockSpec) -> dict:
         p["se_reduce"] = {"kernel": t["se_reduce.kernel"], "bias": t["se_reduce.bias"]}
         p["se_expand"] = {"kernel": t["se_expand.kernel"], "bias": t["se_expand.bias"]}
     p["project"] = {"kernel": t["project"]}
-    p["project_bn"] = _bn_params(b.max_out, zero_scale=True)
-    p["shortcut"] = {"kernel": t["shortcut"]}
+    # Zero gamma on the block's last BN (the AttentiveNAS reference, where every block is residual). With
+    # 'identity_when_same' shortcuts (MobileNetV2) many blocks have no residual and would output zeros, so
+    # there gamma starts at one, as in torchvision's MobileNetV2 and US-Nets.
+    p["project_bn"] = _bn_params(b.max_out, zero_scale=b.shortcut_mode == "always")
+    if b.shortcut_mode == "always":
+        p["shortcut"] = {"kernel": t["shortcut"]}
     return p
 
 
@@ -173,11 +187,18 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
     h = layers.pointwise(h, p["project"]["kernel"] * (mid_m[:, None] & out_m[None, :]))
     h, new["project_bn"] = layers.batch_norm(h, p["project_bn"], s["project_bn"], out_m, train=train, eps=eps,
                                              axis_name=axis_name)
-    # Shortcut (spec §2.3): pool if strided, 1x1 conv if the active widths differ.
-    sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
-    if b.position == 0:
-        conv = layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :]))
-        sc = jnp.where(e["in_ch"] != e["out_ch"], conv, layers.fit_channels(sc, b.max_out))
+    if b.shortcut_mode == "always":
+        # Shortcut (spec §2.3): pool if strided, 1x1 conv if the active widths differ.
+        sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
+        if b.position == 0:
+            conv = layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :]))
+            sc = jnp.where(e["in_ch"] != e["out_ch"], conv, layers.fit_channels(sc, b.max_out))
+    elif b.stride > 1:  # 'identity_when_same' (MobileNetV2): no residual in strided blocks
+        sc = None
+    elif b.position > 0:  # inside a stage: in == out always
+        sc = x
+    else:  # the first block of a stride-1 stage: residual only when the active widths agree
+        sc = jnp.where(e["in_ch"] == e["out_ch"], layers.fit_channels(x, b.max_out), jnp.zeros((), x.dtype))
     if dc_static_rate > 0 and rng is not None:
         # Drop-connect only on identity-shaped shortcuts, one Bernoulli per sample (spec §2.8).
         rate = dc_rate * dc_static_rate
@@ -186,7 +207,8 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
         m = jnp.floor(keep + u) / keep
         identity = (b.stride == 1) & (e["in_ch"] == e["out_ch"])
         h = jnp.where(identity, h * m.astype(h.dtype), h)
-    return h + sc, (new if train else None)
+    out = h if sc is None else h + sc
+    return out, (new if train else None)
 
 
 def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) -> list[float]:
@@ -238,21 +260,25 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             y, ns = run(x)
             x = jnp.where(enc.active[b.index] > 0, y, layers.fit_channels(x, b.max_out))
         new[name] = ns
-    # Head (spec §2.4): expand + BN + act, pool, feature mix (no BN, no bias) + act, dropout, classifier.
+    # Head (spec §2.4): expand + BN + act, pool, ['v3': feature mix (no BN, no bias) + act], dropout,
+    # classifier. 'v2' (MobileNetV2): the expand is the last 1x1 conv, its output feeds the classifier.
     act = layers.activation(space.act)
     last = space.blocks[-1].max_out
     he_m = layers.channel_mask(enc.head_expand, space.head_max_expand)
-    in_m = layers.channel_mask(enc.head_expand // space.head_expand_ratio, last)
+    in_m = layers.channel_mask(enc.head_in, last)
     hp = params["head"]
     x = layers.pointwise(x, hp["expand"]["kernel"] * (in_m[:, None] & he_m[None, :]))
     x, hn = layers.batch_norm(x, hp["expand_bn"], stats["head"]["expand_bn"], he_m, train=train,
                               eps=bn_eps, axis_name=axis_name)
     new["head"] = {"expand_bn": hn}
     x = jnp.where(he_m, act(x), 0)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    hw_m = layers.channel_mask(enc.head_width, max(space.head_widths))
-    x = x.astype(dtype) @ (hp["feature_mix"]["kernel"] * (he_m[:, None] & hw_m[None, :])).astype(dtype)
-    x = jnp.where(hw_m, act(x), 0)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+    if space.head_kind == "v3":
+        hw_m = layers.channel_mask(enc.head_width, max(space.head_widths))
+        x = x @ (hp["feature_mix"]["kernel"] * (he_m[:, None] & hw_m[None, :])).astype(dtype)
+        x = jnp.where(hw_m, act(x), 0)
+    else:
+        hw_m = he_m
     if rng is not None:
         rate = jnp.asarray(dropout_rate, jnp.float32)
         keep = jax.random.bernoulli(jax.random.fold_in(rng, 1_000_003), 1.0 - rate, x.shape)
@@ -263,7 +289,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
 
 
 class Supernet(nn.Module):
-    """The AlphaNet supernet: `Supernet().apply(variables, images, subnet, train=False)` -> logits.
+    """The supernet of `space` (default AlphaNet): `Supernet().apply(variables, images, subnet)` -> logits.
 
     `subnet` is a SubnetConfig (encoded on the fly, a constant under jit) or an
     EncodedSubnet (traced: one compiled program per resolution serves every subnet).
@@ -302,6 +328,9 @@ class Supernet(nn.Module):
         he, hw = space.head_max_expand, max(space.head_widths)
 
         def init_head(key):
+            if space.head_kind == "v2":
+                t = _uniform_tensors(key, {"expand": ((last, he), last)})
+                return {"expand": {"kernel": t["expand"]}, "expand_bn": _bn_params(he)}
             t = _uniform_tensors(key, {"expand": ((last, he), last), "mix": ((he, hw), he)})
             return {"expand": {"kernel": t["expand"]}, "expand_bn": _bn_params(he),
                     "feature_mix": {"kernel": t["mix"]}}

@@ -74,6 +74,18 @@ def test_flops_monotone_in_every_gene():
                     assert flops.count_flops(s.replace(**{f: tuple(vals)})) >= base
 
 
+def test_slimmable_mobilenet_v2_matches_published_numbers():
+    """MobileNetV2 1.0x / 0.35x at 224: 300 / 59 M multiply-adds, 3.4 M params (3,504,872 with BN, as
+    torchvision's mobilenet_v2)."""
+    space = ss.get_space("slimmable_mobilenet_v2")
+    assert flops.count_flops(space.max_subnet(), space) == pytest.approx(300.774272, abs=1e-6)
+    assert flops.count_params(space.max_subnet(), space) == 3_504_872
+    assert flops.count_flops(space.min_subnet(), space) == pytest.approx(59.285808, abs=1e-6)
+    per = dict(flops.layer_flops(space.max_subnet(), space))
+    assert per["stem"] == 3 * 32 * 112 * 112 * 9 and per["head.final_expand"] == 320 * 1280 * 7 * 7
+    assert per["classifier"] == 1280 * 1000 and "block0.expand" not in per
+
+
 def test_flops_module_does_not_import_jax():
     import subprocess
     code = "import sys, alphanet_jax.flops, alphanet_jax.search_space; print('jax' in sys.modules)"

@@ -177,3 +177,26 @@ def test_subnet_files(tmp_path):
         ss.as_subnet(str(tmp_path / "bad.json"))
     with pytest.raises(SearchSpaceError, match="neither a preset"):
         ss.as_subnet(str(tmp_path / "nope.json"))
+
+
+@pytest.mark.parametrize("name", sorted(ss.SPACES))
+def test_every_registered_space_builds_and_round_trips(name):
+    space = ss.get_space(name)
+    assert ss.SearchSpace.from_config(space.to_dict()) == space == ss.SearchSpace.from_config(ss.SPACES[name])
+    for s in (space.min_subnet(), space.max_subnet(), ss.sample_subnet(space, random.Random(0))):
+        assert SubnetConfig.from_dict(s.to_dict(), space) == s
+    # AttentiveNAS-style spaces keep the reference's subnet dict (no width_mult key)
+    assert ("width_mult" in space.max_subnet().to_dict()) == space.is_width_tied
+
+
+def test_width_tied_sampling_does_not_change_alphanet_draws():
+    """The slimmable family is a separate branch: AlphaNet's mutate/crossover draws are the reference's."""
+    rng, ref = random.Random(4), random.Random(4)
+    a, b = ss.sample_subnet(ALPHA, rng), ss.sample_subnet(ALPHA, rng)
+    ref_a, ref_b = ss.sample_subnet(ALPHA, ref), ss.sample_subnet(ALPHA, ref)
+    c = ss.crossover(a, b, rng)
+    # 1 + 9 + 7 + 7 + 7 draws, gene by gene
+    res = ref_a.resolution if ref.random() < 0.5 else ref_b.resolution
+    lists = {f: [x if ref.random() < 0.5 else y for x, y in zip(getattr(ref_a, f), getattr(ref_b, f))]
+             for f in ("width", "depth", "kernel_size", "expand_ratio")}
+    assert c == SubnetConfig(resolution=res, **lists) and c.width_mult is None

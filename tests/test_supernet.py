@@ -247,3 +247,18 @@ def test_bad_inputs_give_clear_errors(tiny_vars):
         model.apply(tiny_vars, jnp.ones((1, 32, 32, 1)), TINY.min_subnet())
     with pytest.raises(ss.SearchSpaceError, match="resolution"):
         model.apply(tiny_vars, jnp.ones((1, 32, 32, 3)), TINY.min_subnet().replace(resolution=40))
+
+
+def test_mobilenet_v2_style_blocks_have_no_shortcut_params_and_unit_gamma():
+    """'identity_when_same' spaces: no shortcut convs, project-BN gamma starts at one (most blocks have
+    no residual, zero gamma would silence them), 'v2' head without feature mix."""
+    space = ss.get_space("tiny_slimmable")
+    shapes = jax.eval_shape(lambda: supernet.init_variables(space, seed=0))
+    p = shapes["params"]
+    assert all("shortcut" not in p[f"block{b.index}"] for b in space.blocks)
+    assert set(p["head"]) == {"expand", "expand_bn"}
+    assert p["head"]["expand"]["kernel"].shape == (space.blocks[-1].max_out, max(space.head_widths))
+    assert p["classifier"]["kernel"].shape == (max(space.head_widths), space.num_classes)
+    b = space.blocks[0]
+    assert float(np.min(supernet.init_block(jax.random.PRNGKey(0), b)["project_bn"]["scale"])) == 1.0
+    assert all("shortcut" in supernet.init_block(jax.random.PRNGKey(0), b) for b in TINY.blocks[:1])
