@@ -10,7 +10,7 @@ from alphanet_jax import search, search_space
 
 def fake_evaluate(subnet):
     h = int(hashlib.sha256(subnet.to_json().encode()).hexdigest()[:8], 16)
-    time.sleep(0.01)
+    time.sleep(0.1)
     return {"top1": 50 + (h % 5000) / 100.0, "top5": 90.0, "loss": 1.0, "count": 10}
 
 
