@@ -61,6 +61,9 @@ def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int, warmup
 
     The warm-up factor w(t) = f + (1 - f) t / warmup *multiplies* a cosine that runs
     over all T iterations, warm-up included (spec §6.5).
+    The cosine factor is evaluated as sin^2(pi (T - t) / 2T), which equals (1 + cos(pi t / T)) / 2
+    but keeps full float32 relative precision at the end of training: 1 + cos(.) cancels to 0
+    in float32 for t close to T (lr(224999) would be 0 instead of the reference's 3.9e-11).
     """
     base = scaled_base_lr(config)
     f = config.optim.warmup_start_factor
@@ -68,7 +71,7 @@ def learning_rate_fn(config: ml_collections.ConfigDict, total_steps: int, warmup
     def lr(t):
         t = jnp.asarray(t, jnp.float32)
         w = jnp.where(t < warmup_steps, f + (1.0 - f) * t / max(warmup_steps, 1), 1.0)
-        return base * w * 0.5 * (1.0 + jnp.cos(jnp.pi * t / total_steps))
+        return base * w * jnp.square(jnp.sin(jnp.pi * (total_steps - t) / (2.0 * total_steps)))
 
     return lr
 
@@ -208,11 +211,12 @@ class SandwichStep:
         return jax.tree.map(jnp.add, grads, g), {"loss": l, "acc": acc}
 
     def _update(self, state, grads):
-        leaves = jax.tree.leaves(grads)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
-        n = sum(g.size for g in leaves)
-        grad_norm = optax.global_norm(grads)
-        clipped = sum(jnp.sum(jnp.abs(g) > self.clip) for g in leaves) / n
+        # The statistics on one concatenated vector: per-leaf reductions made this program ~3x
+        # slower to compile (hundreds of tiny kernels; 469 leaves for AlphaNet).
+        flat = jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grads)])
+        finite = jnp.all(jnp.isfinite(flat))
+        grad_norm = jnp.sqrt(jnp.sum(jnp.square(flat)))
+        clipped = jnp.sum(jnp.abs(flat) > self.clip, dtype=jnp.int32) / flat.size
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
@@ -399,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_metrics: dict[str, float] = {}
     t_last, n_last = time.perf_counter(), 0
     compiled_after_warmup = None
+    interrupted = False
     try:
         for step in range(first_step, total_steps):
             batch = mesh_lib.to_global(next(batches), mesh)
@@ -426,16 +431,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < total_steps \
                     and info["num_val"] > 0:
                 _validate_and_log(config, model_eval, state, mesh, space, writer, done, log)
-            save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or stop["signal"]
+            # Every process must stop (and save) at the same step: SIGTERM may reach the hosts of a
+            # multi-host run at different steps, or only some of them.
+            interrupted = _any_process(stop["signal"] is not None)
+            save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or interrupted
             if save_now:
                 ck.save(done, state, batches.get_state(), meta)
-            if stop["signal"]:
+            if interrupted:
                 log(f"SIGTERM: saved step {done}, exiting", flush=True)
                 break
         ck.wait()
         summary = dict(last_metrics, steps=int(state["step"]), compiled_programs=step_fn.num_compiled(),
                        compiled_after_warmup=compiled_after_warmup)
-        if not stop["signal"] and config.eval.at_end and info["num_val"] > 0:
+        if not interrupted and config.eval.at_end and info["num_val"] > 0:
             summary["eval"] = _validate_and_log(config, model_eval, state, mesh, space, writer, total_steps, log)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -444,8 +452,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if hasattr(batches, "close"):
             batches.close()
     summary["state"] = state
-    summary["interrupted"] = bool(stop["signal"])
+    summary["interrupted"] = interrupted
     return summary
+
+
+def _any_process(flag: bool) -> bool:
+    """`flag` OR-ed over all processes (each process must call this at the same point)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def _validate_and_log(config, model_eval, state, mesh, space, writer, step, log) -> dict:

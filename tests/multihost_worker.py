@@ -1,0 +1,114 @@
+"""One process of the 2-process training test (tests/test_multihost.py); not a test module itself.
+
+  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUTDIR
+
+Trains the tiny quickstart supernet through `train.train_and_evaluate` (jax.distributed on
+127.0.0.1:PORT, 4 CPU devices per process, one shared WORKDIR), with SIGTERM delivered to the
+LAST process only, just before its third step: every process must then stop after that step and
+save it together. Writes OUTDIR/proc{ID}.npz (final params, flattened) and OUTDIR/proc{ID}.json
+(what this host fed the model, the subnets it trained, the summary).
+"""
+
+import hashlib
+import json
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates, as in tests/conftest.py
+
+import numpy as np  # noqa: E402
+
+from alphanet_jax import data as data_lib  # noqa: E402
+from alphanet_jax import mesh as mesh_lib  # noqa: E402
+from alphanet_jax import train  # noqa: E402
+from alphanet_jax.search_space import get_space, sandwich_subnets  # noqa: E402
+from configs import quickstart  # noqa: E402
+
+TOTAL_STEPS = 4
+SIGTERM_BEFORE_STEP = 2  # 0-based: the last process is "preempted" during its third step
+
+
+def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
+    c = quickstart.get_config()
+    c.batch_size = 16  # 2 per device, 8 per host
+    c.total_steps = TOTAL_STEPS
+    # Seed 27: the random subnets of steps 0-2 all run at resolution 16, so each process compiles
+    # one student program instead of two (the sequence itself is what the test checks, not its content).
+    c.seed = 27
+    c.data.num_workers = 1
+    c.data_prefetch = 2
+    c.checkpoint.every_steps = 2
+    c.eval.at_end = False
+    c.log_every_steps = 1
+    c.distributed.coordinator_address = f"127.0.0.1:{port}"
+    c.distributed.num_processes = nproc
+    c.distributed.process_id = pid
+
+    fed, trained, iterators = [], [], []
+
+    real_to_global = mesh_lib.to_global
+
+    def to_global(batch, mesh):  # this host's slice of every global batch
+        fed.append({"labels": np.asarray(batch["label"]).tolist(),
+                    "images_sha1": hashlib.sha1(np.ascontiguousarray(batch["image"]).tobytes()).hexdigest()})
+        return real_to_global(batch, mesh)
+
+    real_subnets = train.sandwich_subnets
+
+    def subnets(space, seed, step, n):
+        if pid == nproc - 1 and step == SIGTERM_BEFORE_STEP:
+            signal.raise_signal(signal.SIGTERM)
+        out = real_subnets(space, seed, step, n)
+        trained.append({"step": step, "subnets": [s.to_dict() for s in out]})
+        return out
+
+    real_make_train_iterator = data_lib.make_train_iterator
+
+    def make_train_iterator(*args, **kwargs):
+        it = real_make_train_iterator(*args, **kwargs)
+        iterators.append(it)
+        return it
+
+    mesh_lib.to_global = to_global
+    train.sandwich_subnets = subnets
+    data_lib.make_train_iterator = make_train_iterator
+
+    out = train.train_and_evaluate(c, workdir)
+
+    params = jax.device_get(out["state"]["params"])  # replicated: every process holds all of it
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    np.savez(os.path.join(outdir, f"proc{pid}.npz"), **flat)
+
+    # The newest checkpoint, read back by every process (a multi-process Orbax restore).
+    restored, ckpt_step = train.restore_variables(c, workdir)
+    restored = jax.device_get(restored["params"])
+    restored_equal = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)))
+
+    it = iterators[-1]  # the iterator that fed training (the first one only probed steps per epoch)
+    space = get_space(c.space)
+    report = {
+        "process_index": jax.process_index(), "process_count": jax.process_count(),
+        "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+        "interrupted": out["interrupted"], "steps": out["steps"], "ckpt_step": ckpt_step,
+        "restored_equal": restored_equal,
+        "fed": fed, "trained": trained,
+        "iterator": {"process_index": it.process_index, "process_count": it.process_count,
+                     "examples": it.epoch_indices(0)[:out["steps"] * it.batch_size].tolist()},
+        "subnet_sequence": [[s.to_dict() for s in real_subnets(space, c.seed, step, 4)] for step in range(8)],
+        "metrics": {k: v for k, v in out.items() if isinstance(v, (int, float))},
+    }
+    with open(os.path.join(outdir, f"proc{pid}.json"), "w") as f:
+        json.dump(report, f)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -1,0 +1,123 @@
+"""Supernet training across 2 real processes (jax.distributed on 127.0.0.1, gloo, 4 CPU devices each).
+
+Both processes run tests/multihost_worker.py: `train.train_and_evaluate` on the tiny quickstart
+config with a shared workdir (Orbax multi-process checkpoints). The last process alone gets
+SIGTERM before step 3 of 4, so both must agree to stop after step 3 and save it together.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from alphanet_jax.search_space import get_space, sandwich_subnets
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+NPROC = 2
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path, n=3000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multihost")
+    workdir, outdir = base / "workdir", base / "out"
+    outdir.mkdir()
+    # The test process has XLA_FLAGS=...count=8 (tests/conftest.py): each child gets 4 devices instead.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    port = _free_port()
+    logs = [base / f"proc{i}.log" for i in range(NPROC)]
+    procs = []
+    try:
+        for i in range(NPROC):
+            with open(logs[i], "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, WORKER, str(i), str(NPROC), str(port), str(workdir), str(outdir)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + TIMEOUT_S
+        rcs = []
+        for p in procs:
+            try:
+                rcs.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                rcs.append(None)
+    finally:
+        for p in procs:  # only the processes started here, on failure or timeout
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    report = "\n".join(f"--- process {i} (rc {rc}) ---\n{_tail(logs[i])}" for i, rc in enumerate(rcs))
+    assert rcs == [0] * NPROC, f"workers did not all finish with rc 0 within {TIMEOUT_S} s:\n{report}"
+    outs = []
+    for i in range(NPROC):
+        with open(outdir / f"proc{i}.json") as f:
+            info = json.load(f)
+        with np.load(outdir / f"proc{i}.npz") as z:
+            info["params"] = {k: z[k] for k in z.files}
+        outs.append(info)
+    return dict(outs=outs, workdir=workdir, logs=report)
+
+
+def test_processes_see_one_global_mesh(two_process_run):
+    for i, o in enumerate(two_process_run["outs"]):
+        assert (o["process_index"], o["process_count"]) == (i, NPROC)
+        assert (o["device_count"], o["local_device_count"]) == (8, 4)
+
+
+def test_sigterm_on_one_host_stops_all_at_the_same_step(two_process_run):
+    for o in two_process_run["outs"]:
+        assert o["interrupted"] is True
+        assert o["steps"] == 3
+        assert [t["step"] for t in o["trained"]] == [0, 1, 2]
+        assert o["ckpt_step"] == 3
+    # every_steps=2 -> step 2; the agreed SIGTERM stop -> step 3 (both written by both processes).
+    steps = sorted(int(d) for d in os.listdir(two_process_run["workdir"] / "checkpoints") if d.isdigit())
+    assert steps == [2, 3]
+
+
+def test_hosts_end_with_identical_params(two_process_run):
+    a, b = (o["params"] for o in two_process_run["outs"])
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # ... which are what the checkpoint of the last step restores on every process.
+    assert all(o["restored_equal"] for o in two_process_run["outs"])
+
+
+def test_each_host_reads_its_own_data_shard(two_process_run):
+    o0, o1 = two_process_run["outs"]
+    for o in (o0, o1):
+        assert len(o["fed"]) == 3 and all(len(f["labels"]) == 8 for f in o["fed"])  # 16 global / 2 hosts
+    assert (o0["iterator"]["process_index"], o1["iterator"]["process_index"]) == (0, 1)
+    assert o0["iterator"]["process_count"] == o1["iterator"]["process_count"] == NPROC
+    ex0, ex1 = set(o0["iterator"]["examples"]), set(o1["iterator"]["examples"])
+    assert len(ex0) == len(ex1) == 24 and not ex0 & ex1  # disjoint example indices
+    for f0, f1 in zip(o0["fed"], o1["fed"]):
+        assert f0["images_sha1"] != f1["images_sha1"]
+
+
+def test_subnet_sequence_is_identical_across_processes(two_process_run):
+    o0, o1 = two_process_run["outs"]
+    assert o0["subnet_sequence"] == o1["subnet_sequence"]
+    assert o0["trained"] == o1["trained"]
+    # ... and equal to this (third) process's own draw.
+    space = get_space("tiny")
+    mine = [[s.to_dict() for s in sandwich_subnets(space, 27, step, 4)] for step in range(8)]
+    assert o0["subnet_sequence"] == mine
+    assert len({json.dumps(s, sort_keys=True) for seq in mine for s in seq[1:-1]}) > 4  # really random
