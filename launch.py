@@ -32,7 +32,14 @@ def main(argv):
     from alphanet_jax import mesh, tasks  # after flag parsing: jax starts here
 
     mesh.hide_gpus_from_tensorflow()
-    tasks.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
+    try:
+        tasks.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
+    except (ValueError, FileNotFoundError, tasks.TrainingError) as e:
+        # Bad inputs (config, subnet, data, checkpoint) and stopped runs: one clear line, no traceback.
+        if flags.FLAGS.verbosity >= 1:
+            raise
+        print(f"alphanet-jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ def init_state(model: Supernet, tx: optax.GradientTransformation, seed: int) -> 
     params = variables["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": variables["batch_stats"],
             "opt_state": tx.init(params), "bad_streak": jnp.zeros((), jnp.int32),
+            "worst_streak": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32)}
 
 
@@ -210,7 +211,9 @@ class SandwichStep:
         (l, acc), g = jax.value_and_grad(loss, has_aux=True)(params)
         return jax.tree.map(jnp.add, grads, g), {"loss": l, "acc": acc}
 
-    def _update(self, state, grads):
+    def _update(self, state, grads, poison):
+        # `poison` (fault injection for tests) turns this step's gradients into NaN.
+        grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         # The statistics on one concatenated vector: per-leaf reductions made this program ~3x
         # slower to compile (hundreds of tiny kernels; 469 leaves for AlphaNet).
         flat = jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grads)])
@@ -223,11 +226,12 @@ class SandwichStep:
         new = dict(state, step=state["step"] + 1, params=keep(params, state["params"]),
                    opt_state=keep(opt_state, state["opt_state"]),
                    bad_streak=jnp.where(finite, 0, state["bad_streak"] + 1),
+                   worst_streak=jnp.maximum(state["worst_streak"], jnp.where(finite, 0, state["bad_streak"] + 1)),
                    skipped=state["skipped"] + jnp.where(finite, 0, 1))
         return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}
 
-    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array
-                 ) -> tuple[dict, dict]:
+    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array,
+                 poison: bool = False) -> tuple[dict, dict]:
         images, labels = batch["image"], batch["label"]
         params, bs = state["params"], state["batch_stats"]
         grads, teacher, m = self.teacher_fn(params, bs, images, labels, encs[0], rng)
@@ -236,7 +240,7 @@ class SandwichStep:
             grads, m = self.student_fn(params, bs, grads, images, labels, teacher, enc)
             role = "min" if i == len(encs) - 1 else f"random{i}"
             metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
-        state, m = self.update_fn(state, grads)
+        state, m = self.update_fn(state, grads, jnp.asarray(poison))
         metrics.update(m)
         return state, metrics
 
@@ -337,7 +341,11 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None
     mesh = mesh or mesh_lib.make_mesh(-1)
     model = make_model(config, space)
     tx = make_optimizer(config, lambda t: 0.0)
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    ckdir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckdir):
+        raise FileNotFoundError(f"no checkpoint in {ckdir}: train first (python launch.py --config=... "
+                                f"--workdir={workdir}) or set --config.eval.checkpoint")
+    ck = ckpt_lib.Checkpointer(ckdir, keep=config.checkpoint.keep)
     try:
         step = ckpt_lib.find_latest_valid(ck)
         if step is None:
@@ -399,6 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log(f"training {space.name!r} supernet: {total_steps} steps ({steps_per_epoch}/epoch), global batch "
         f"{config.batch_size} on {mesh.devices.size} devices x {pc} processes, start at step {first_step}")
     base_key = jax.random.PRNGKey(config.seed)
+    nan_steps = set(config.get("debug_nan_steps", ()))  # fault injection (tests only)
     summary: dict[str, Any] = {}
     last_metrics: dict[str, float] = {}
     t_last, n_last = time.perf_counter(), 0
@@ -409,7 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = mesh_lib.to_global(next(batches), mesh)
             subnets = sandwich_subnets(space, config.seed, step, config.sandwich.num_arch_training)
             encs = [encode(s, space) for s in subnets]
-            state, metrics = step_fn(state, batch, encs, jax.random.fold_in(base_key, step))
+            state, metrics = step_fn(state, batch, encs, jax.random.fold_in(base_key, step),
+                                     poison=step in nan_steps)
             n_last += 1
             done = step + 1
             if done % config.log_every_steps == 0 or done == total_steps:
@@ -421,11 +431,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(done, m)
                 log(_fmt_progress(done, total_steps, m), flush=True)
                 last_metrics = m
-                streak = int(state["bad_streak"])
+                streak = int(state["worst_streak"])  # the longest run of bad steps so far
                 if streak >= config.max_consecutive_bad_steps:
                     raise TrainingError(
-                        f"{streak} consecutive steps had non-finite gradients (last at step {done}); updates "
-                        f"were skipped. Lower optim.base_lr or check the data; the last checkpoint is intact")
+                        f"{streak} consecutive steps had non-finite gradients (checked at step {done}); their "
+                        f"updates were skipped. Lower optim.base_lr or check the data; the last checkpoint "
+                        f"(step {ck.latest_step()}) holds only finite values")
                 if done >= config.log_every_steps * 3 and compiled_after_warmup is None:
                     compiled_after_warmup = step_fn.num_compiled()
             if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < total_steps \

@@ -51,7 +51,8 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     c.log_every_steps = 50
-    c.max_consecutive_bad_steps = 20
+    c.max_consecutive_bad_steps = 20  # stop when this many steps in a row had non-finite gradients
+    c.debug_nan_steps = (-1,)  # fault injection for tests: steps whose gradients become NaN
 
     # Validation of the min and max subnets during training, and the `evaluate` task.
     c.eval = ml_collections.ConfigDict(dict(
