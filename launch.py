@@ -42,5 +42,15 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl's parser, with config-override typos reported as one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError, TypeError, ValueError, flags.Error) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"alphanet-jax: error: bad --config override: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

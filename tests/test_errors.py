@@ -178,11 +178,23 @@ def _launch(*args, timeout=120):
 
 def test_unknown_config_key_on_the_command_line(tmp_path):
     out = _launch("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.sandwhich.distill=kl")
-    assert out.returncode != 0
-    assert "sandwhich" in out.stderr and "sandwich" in out.stderr  # names the key and suggests the right one
+    assert out.returncode == 2
+    assert "sandwhich" in out.stderr and 'Did you mean "sandwich"' in out.stderr  # names the key, suggests the fix
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_config_value_on_the_command_line(tmp_path):
+    out = _launch("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.batch_size=abc")
+    assert out.returncode == 2 and "--config.batch_size=abc" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_checkpoint_for_evaluation(tmp_path):
+    out = _launch("--config=configs/quickstart.py", f"--workdir={tmp_path / 'empty'}", "--mode=evaluate")
+    assert out.returncode == 2 and "no checkpoint in" in out.stderr and "train first" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_unknown_task_on_the_command_line(tmp_path):
     out = _launch("--config=configs/quickstart.py", f"--workdir={tmp_path}", "--mode=trian")
-    assert out.returncode != 0
-    assert "unknown task(s) ['trian']" in out.stderr
+    assert out.returncode == 2
+    assert "unknown task(s) ['trian']" in out.stderr and "Traceback" not in out.stderr
