@@ -9,6 +9,7 @@ eval-mode logits equal the masked supernet's for that subnet. `save_subnet` /
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -30,6 +31,20 @@ def _bn(x, p, s, train, eps):
     return y, new
 
 
+def _static_bn(module: nn.Module, name: str, x: Array, c: int, *, train: bool, eps: float) -> Array:
+    """A named BN of `module` over all c channels; writes batch statistics when they are mutable."""
+    p = module.param(name, lambda k: {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))})
+    sv = module.variable("batch_stats", name, lambda: {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))})
+    y, new = _bn(x, p, sv.value, train, eps)
+    if train and module.is_mutable_collection("batch_stats") and not module.is_initializing():
+        sv.value = new
+    return y
+
+
+def _kernel(module: nn.Module, name: str, shape: tuple[int, ...]) -> Array:
+    return module.param(name, lambda k: {"kernel": jnp.zeros(shape)})["kernel"]
+
+
 class StaticSubnet(nn.Module):
     """One subnet with static shapes: resize, stem, active blocks, head, classifier."""
 
@@ -42,21 +57,8 @@ class StaticSubnet(nn.Module):
     def __call__(self, images: Array, train: bool = False) -> Array:
         space, rs = self.space, resolve(self.subnet, self.space)
         dt = self.dtype
-        zeros = nn.initializers.zeros
-        ones = nn.initializers.ones
-
-        def bn(name, x, c):
-            p = self.param(name, lambda k: {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))})
-            sv = self.variable("batch_stats", name, lambda: {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))})
-            y, new = _bn(x, p, sv.value, train, self.bn_eps)
-            if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
-                sv.value = new
-            return y
-
-        def w(name, shape):
-            return self.param(name, lambda k: {"kernel": jnp.zeros(shape)})["kernel"]
-
-        del zeros, ones
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps)
+        w = functools.partial(_kernel, self)
         act = layers.activation(space.act)
         x = layers.resize_bicubic(images.astype(jnp.float32), rs.resolution).astype(dt)
         k0 = space.stem_kernel
@@ -100,16 +102,8 @@ class _StaticBlock(nn.Module):
         b = self.b
         act = layers.activation(b.act)
 
-        def bn(name, h, c):
-            p = self.param(name, lambda k: {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))})
-            sv = self.variable("batch_stats", name, lambda: {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))})
-            y, new = _bn(h, p, sv.value, train, self.bn_eps)
-            if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
-                sv.value = new
-            return y
-
-        def kernel(name, shape):
-            return self.param(name, lambda k: {"kernel": jnp.zeros(shape)})["kernel"]
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps)
+        kernel = functools.partial(_kernel, self)
 
         h = x
         if b.has_expand:
