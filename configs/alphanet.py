@@ -16,12 +16,7 @@ from configs import common
 def get_config(arg=None):
     a = common.parse_arg(arg, tfds=False, hw="gpu")
     c = common.base_config("alphanet", "tfds" if a["tfds"] else "imagefolder")
-    if a["hw"] == "cpu":
-        c.model.dtype = "float32"
-    elif a["hw"] in ("gpu", "gpu8", "tpu"):
-        c.model.dtype = "bfloat16"
-    else:
-        raise ValueError(f"unknown hw {a['hw']!r}: cpu, gpu, gpu8 or tpu")
+    common.apply_hardware(c, a["hw"])
     c.checkpoint.every_steps = 625  # about one epoch at batch 2048
     c.eval.every_steps = 625 * 10
     c.eval.calib_batch_size = 256

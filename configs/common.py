@@ -62,3 +62,37 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.search.calib_batches = 32
     c.export = ml_collections.ConfigDict(dict(subnet="", max_mflops=0.0, directory=""))
     return c
+
+
+def apply_hardware(c: ml_collections.ConfigDict, hw: str) -> None:
+    """Hardware presets: cpu runs float32; gpu, gpu8 and tpu compute in bfloat16."""
+    if hw == "cpu":
+        c.model.dtype = "float32"
+    elif hw in ("gpu", "gpu8", "tpu"):
+        c.model.dtype = "bfloat16"
+    else:
+        raise ValueError(f"unknown hw {hw!r}: cpu, gpu, gpu8 or tpu")
+
+
+def digits_quickstart(space: str, steps: int) -> ml_collections.ConfigDict:
+    """The whole pipeline on the bundled 8x8 digits, upsampled to 24x24, sized for a 2-core CPU."""
+    c = base_config(space, "digits")
+    c.run = "train,evaluate,search,export"
+    c.model.dtype = "float32"
+    c.batch_size = 64
+    c.total_steps = steps
+    c.warmup_steps = 30
+    c.optim.base_lr = 0.1
+    c.data.num_workers = 2
+    c.data.image_size = 24
+    c.data.resize_size = 28
+    c.data.augment = "none"  # flips and AutoAugment change what a digit means
+    c.data.crop_scale = (0.6, 1.0)
+    c.checkpoint.every_steps = 200
+    c.log_every_steps = 50
+    c.eval.every_steps = 0
+    c.eval.calib_batches = 8
+    c.eval.calib_batch_size = 64
+    c.eval.batch_size = 64
+    c.search.calib_batches = 8
+    return c

@@ -12,26 +12,9 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, steps=600)
-    c = common.base_config("tiny", "digits")
-    c.run = "train,evaluate,search,export"
-    c.model.dtype = "float32"
-    c.batch_size = 64
-    c.total_steps = a["steps"]
-    c.warmup_steps = 30
-    c.optim.base_lr = 0.1
-    c.data.num_workers = 2
-    c.data.image_size = 24  # 8x8 digits upsampled; the tiny space runs at 16 and 24
-    c.data.resize_size = 28
-    c.data.augment = "none"  # flips and AutoAugment change what a digit means
-    c.data.crop_scale = (0.6, 1.0)
-    c.checkpoint.every_steps = 200
-    c.log_every_steps = 50
-    c.eval.every_steps = 0
-    c.eval.calib_batches = 8
-    c.eval.calib_batch_size = 64
-    c.eval.batch_size = 64
+    c = common.digits_quickstart("tiny", a["steps"])  # the tiny space runs at 16 and 24
     c.eval.subnets = "min,max"
     c.search.update(dict(parent_popu_size=12, mutate_size=6, crossover_size=6, evo_iter=3, flops_min=0.0,
-                         flops_max=10.0, flops_step=0.1, calib_batches=8))
+                         flops_max=10.0, flops_step=0.1))
     c.export.max_mflops = 1.0
     return c

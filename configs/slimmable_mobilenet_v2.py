@@ -32,12 +32,7 @@ def get_config(arg=None):
     if a["digits"]:
         return _digits(a["steps"])
     c = common.base_config("slimmable_mobilenet_v2", "tfds" if a["tfds"] else "imagefolder")
-    if a["hw"] == "cpu":
-        c.model.dtype = "float32"
-    elif a["hw"] in ("gpu", "gpu8", "tpu"):
-        c.model.dtype = "bfloat16"
-    else:
-        raise ValueError(f"unknown hw {a['hw']!r}: cpu, gpu, gpu8 or tpu")
+    common.apply_hardware(c, a["hw"])
     c.batch_size = 1024
     c.num_epochs = 250
     c.warmup_epochs = 0
@@ -61,28 +56,11 @@ def get_config(arg=None):
 
 def _digits(steps):
     """configs/quickstart.py with the tiny slimmable space."""
-    c = common.base_config("tiny_slimmable", "digits")
-    c.run = "train,evaluate,search,export"
-    c.model.dtype = "float32"
-    c.batch_size = 64
-    c.total_steps = steps
-    c.warmup_steps = 30
-    c.optim.base_lr = 0.1
+    c = common.digits_quickstart("tiny_slimmable", steps)  # the tiny slimmable space runs at 24
     c.sandwich.dropout = 0.0
     c.sandwich.drop_connect = 0.0
-    c.data.num_workers = 2
-    c.data.image_size = 24  # 8x8 digits upsampled; the tiny slimmable space runs at 24
-    c.data.resize_size = 28
-    c.data.augment = "none"  # flips and AutoAugment change what a digit means
-    c.data.crop_scale = (0.6, 1.0)
-    c.checkpoint.every_steps = 200
-    c.log_every_steps = 50
-    c.eval.every_steps = 0
-    c.eval.calib_batches = 8
-    c.eval.calib_batch_size = 64
-    c.eval.batch_size = 64
     c.eval.subnets = "1.0x,0.75x,0.5x,0.35x"
     c.search.update(dict(parent_popu_size=6, mutate_size=3, crossover_size=3, evo_iter=2, flops_min=0.0,
-                         flops_max=10.0, flops_step=0.01, calib_batches=8))
+                         flops_max=10.0, flops_step=0.01))
     c.export.max_mflops = 0.5
     return c
