@@ -115,6 +115,13 @@ def validate_structure(spec: DataSpec) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------------------
 # Bad-record handling shared by the iterators
 # ----------------------------------------------------------------------------------------------
+
+def _check_batch_and_host(batch_size: int, process_index: int, process_count: int) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if process_count <= 0 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+
 class _Loader:
     """Loads records from a source, remembering undecodable ones and warning once per record."""
 
@@ -216,10 +223,7 @@ class TrainIterator:
         process_count: int = 1,
         state: dict | None = None,
     ):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+        _check_batch_and_host(batch_size, process_index, process_count)
         self.spec = spec
         self.source = source
         self.batch_size = int(batch_size)
@@ -389,10 +393,7 @@ class EvalIterator:
     """
 
     def __init__(self, spec: DataSpec, source, *, batch_size: int, process_index: int = 0, process_count: int = 1):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+        _check_batch_and_host(batch_size, process_index, process_count)
         self.spec = spec
         self.source = source
         self.batch_size = int(batch_size)
