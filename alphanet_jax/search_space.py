@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 import random
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 # ----------------------------------------------------------------------------
 # Canonical space definitions (spec §1.1). Configs in configs/ embed these.

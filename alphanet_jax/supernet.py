@@ -78,14 +78,6 @@ def encode(subnet: SubnetConfig | EncodedSubnet, space: SearchSpace | None = Non
                          resolution=subnet.resolution, **cols)
 
 
-def stack_encoded(encs: list[EncodedSubnet]) -> EncodedSubnet:
-    """Stacks encodings of one resolution along a leading axis (for lax.scan / vmap)."""
-    res = {e.resolution for e in encs}
-    if len(res) != 1:
-        raise ValueError(f"can only stack subnets of one resolution, got {sorted(res)}")
-    return jax.tree.map(lambda *xs: np.stack(xs), *encs)
-
-
 # ----------------------------------------------------------------------------
 # Initialisation (spec §2.9): PyTorch defaults on the max tensors, zero gamma on
 # every block's last BN (only in spaces whose blocks are all residual, see init_block).
