@@ -52,6 +52,7 @@ class StaticSubnet(nn.Module):
     subnet: SubnetConfig
     dtype: Any = jnp.float32
     bn_eps: float = 1e-5
+    depthwise_impl: str = "xla"
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> Array:
@@ -65,7 +66,7 @@ class StaticSubnet(nn.Module):
         x = layers.conv2d(x, w("stem", (k0, k0, space.in_channels, rs.stem_width)), space.stem_stride)
         x = act(bn("stem_bn", x, rs.stem_width))
         for j, b in enumerate(rs.blocks):
-            x = _StaticBlock(b, self.bn_eps, dt, name=f"blocks{j}")(x, train)
+            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, name=f"blocks{j}")(x, train)
         c = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
         v3 = space.head_kind == "v3"
 
@@ -96,6 +97,7 @@ class _StaticBlock(nn.Module):
     b: ActiveBlock
     bn_eps: float
     dtype: Any
+    depthwise_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
@@ -108,7 +110,7 @@ class _StaticBlock(nn.Module):
         h = x
         if b.has_expand:
             h = act(bn("expand_bn", layers.pointwise(h, kernel("expand", (b.in_ch, b.mid))), b.mid))
-        h = layers.depthwise(h, kernel("dw", (b.kernel, b.kernel, 1, b.mid)), b.stride)
+        h = layers.depthwise(h, kernel("dw", (b.kernel, b.kernel, 1, b.mid)), b.stride, self.depthwise_impl)
         h = act(bn("dw_bn", h, b.mid))
         if b.se_mid:
             se_r = self.param("se_reduce", lambda k: {"kernel": jnp.zeros((b.mid, b.se_mid)),

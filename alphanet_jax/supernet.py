@@ -150,8 +150,8 @@ def block_stats(b: BlockSpec) -> dict:
 
 
 def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: bool, eps: float,
-                   axis_name: str | None, dc_rate: Array, dc_static_rate: float, rng: Array | None
-                   ) -> tuple[Array, dict]:
+                   axis_name: str | None, dc_rate: Array, dc_static_rate: float, rng: Array | None,
+                   depthwise_impl: str = "xla") -> tuple[Array, dict]:
     act = layers.activation(b.act)
     in_m = layers.channel_mask(e["in_ch"], b.max_in)
     mid_m = layers.channel_mask(e["mid"], b.max_mid)
@@ -164,7 +164,7 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
                                                 axis_name=axis_name)
         h = jnp.where(mid_m, act(h), 0)
     kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
-    h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride)
+    h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl)
     h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
                                         axis_name=axis_name)
     h = jnp.where(mid_m, act(h), 0)
@@ -214,8 +214,14 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             train: bool, dtype: Any = jnp.float32, bn_eps: float = 1e-5, axis_name: str | None = None,
             dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
             drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True,
-            collect_stats: bool = False) -> tuple[Array, dict | None]:
-    """Logits (float32) and, with `collect_stats` in train mode, this batch's BN statistics."""
+            collect_stats: bool = False, remat: bool = False, depthwise_impl: str = "xla"
+            ) -> tuple[Array, dict | None]:
+    """Logits (float32) and, with `collect_stats` in train mode, this batch's BN statistics.
+
+    `remat` recomputes each block's activations in the backward pass instead of keeping
+    them (`jax.checkpoint` per block): less device memory for about one extra forward.
+    `depthwise_impl` picks the depthwise convolution's implementation (`layers.depthwise`).
+    """
     collect_stats = collect_stats and train
     chex.assert_rank(images, 4)
     if images.shape[-1] != space.in_channels:
@@ -235,10 +241,17 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         e = {k: getattr(enc, k)[b.index] for k in ("in_ch", "mid", "out_ch", "kernel", "se")}
         p, s = params[name], stats[name]
 
-        def run(x, p=p, s=s, e=e, b=b):
+        def block(x, p, s, e, dc_rate, rng, b=b):
             y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
-                                   dc_rate=dc_rate, dc_static_rate=dc_rates[b.index], rng=rng)
+                                   dc_rate=dc_rate, dc_static_rate=dc_rates[b.index], rng=rng,
+                                   depthwise_impl=depthwise_impl)
             return y, (ns if collect_stats else None)
+
+        if remat:
+            block = jax.checkpoint(block)
+
+        def run(x, p=p, s=s, e=e, block=block):
+            return block(x, p, s, e, dc_rate, rng)
 
         def skip(x, s=s, b=b):
             # An inactive block is the identity and leaves its statistics as they were.
@@ -291,6 +304,7 @@ class Supernet(nn.Module):
     `bn_axis_name` pmean's BN statistics over a shard_map axis (global BN); None
     keeps them per device, as the reference's `sync_bn: False`.
     Dropout and drop-connect run only when a 'dropout' rng is given.
+    `remat` trades compute for memory: block activations are recomputed in the backward pass.
     """
 
     space: SearchSpace = get_space(None)
@@ -299,6 +313,8 @@ class Supernet(nn.Module):
     bn_axis_name: str | None = None
     drop_connect_only_last_two_stages: bool = True
     skip_inactive: bool = True
+    remat: bool = False
+    depthwise_impl: str = "xla"
 
     @nn.compact
     def __call__(self, images: Array, subnet: SubnetConfig | EncodedSubnet, train: bool = False,
@@ -345,7 +361,8 @@ class Supernet(nn.Module):
                               bn_eps=self.bn_eps, axis_name=self.bn_axis_name, dropout_rate=dropout_rate,
                               drop_connect_rate=drop_connect_rate, rng=rng,
                               drop_connect_only_last_two_stages=self.drop_connect_only_last_two_stages,
-                              skip_inactive=self.skip_inactive,
+                              skip_inactive=self.skip_inactive, remat=self.remat,
+                              depthwise_impl=self.depthwise_impl,
                               collect_stats=self.is_mutable_collection("batch_stats"))
         if new is not None:
             for k, var in stat_vars.items():

@@ -262,3 +262,33 @@ def test_mobilenet_v2_style_blocks_have_no_shortcut_params_and_unit_gamma():
     b = space.blocks[0]
     assert float(np.min(supernet.init_block(jax.random.PRNGKey(0), b)["project_bn"]["scale"])) == 1.0
     assert all("shortcut" in supernet.init_block(jax.random.PRNGKey(0), b) for b in TINY.blocks[:1])
+
+
+@pytest.mark.parametrize("skip_inactive", [False, True])
+def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactive):
+    """`remat` (recompute blocks in the backward pass) and `skip_inactive` change memory and speed,
+    never the result: train-mode logits, BN statistics and gradients, with dropout and drop-connect."""
+    base = supernet.Supernet(space=TINY, skip_inactive=False)
+    other = supernet.Supernet(space=TINY, skip_inactive=skip_inactive, remat=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, TINY.num_classes))
+
+    def make(model):
+        @jax.jit
+        def f(params, enc):
+            def loss(p):
+                z, st = model.apply({**tiny_vars, "params": p}, x, enc, train=True, dropout_rate=0.3,
+                                    drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)},
+                                    mutable=["batch_stats"])
+                return jnp.sum(z * w), (z, st)
+            return jax.grad(loss, has_aux=True)(params)
+        return f
+
+    fa, fb = make(base), make(other)
+    rng = random.Random(5)
+    for s in [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(4)]:
+        enc = supernet.encode(s, TINY)
+        (ga, (za, sa)), (gb, (zb, sb)) = fa(tiny_vars["params"], enc), fb(tiny_vars["params"], enc)
+        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
