@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from alphanet_jax import checkpoint as ckpt_lib
 from alphanet_jax import data as data_lib
 from alphanet_jax import evaluate as eval_lib
+from alphanet_jax import layers
 from alphanet_jax import losses
 from alphanet_jax import mesh as mesh_lib
 from alphanet_jax.search_space import SearchSpace, get_space, sandwich_subnets
@@ -101,10 +102,12 @@ def compute_dtype(name: str) -> Any:
 
 def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_training: bool = True) -> Supernet:
     m = config.model
+    if m.depthwise_impl not in layers.DEPTHWISE_IMPLS:
+        raise ValueError(f"model.depthwise_impl must be one of {layers.DEPTHWISE_IMPLS}, got {m.depthwise_impl!r}")
     return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
-                    skip_inactive=m.skip_inactive_blocks)
+                    skip_inactive=m.skip_inactive_blocks, remat=m.remat, depthwise_impl=m.depthwise_impl)
 
 
 def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array, Array], Array]:
@@ -246,6 +249,57 @@ class SandwichStep:
 
     def num_compiled(self) -> int:
         return self.teacher_fn._cache_size() + self.student_fn._cache_size() + self.update_fn._cache_size()
+
+    def lowerings(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array
+                  ) -> dict[str, Callable[[], Any]]:
+        """{program name: () -> jax.stages.Lowered} for every program a step can run.
+
+        `encs` maps 'max' to the max subnet's encoding and each resolution to any subnet of
+        it. Arguments mirror `__call__`'s exactly (shardings included), so compiling these
+        fills the same cache that later calls use.
+        """
+        params, bs = state["params"], state["batch_stats"]
+        images, labels = batch["image"], batch["label"]
+        rep, shard = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
+        g_abs, t_abs, _ = jax.eval_shape(self.teacher_fn, params, bs, images, labels, encs["max"], rng)
+        grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), g_abs)
+        teacher = jax.ShapeDtypeStruct(t_abs.shape, t_abs.dtype, sharding=shard)
+        out = {f"teacher (max @ {encs['max'].resolution})":
+               lambda: self.teacher_fn.lower(params, bs, images, labels, encs["max"], rng)}
+        for r, enc in encs.items():
+            if r != "max":
+                out[f"student @ {r}"] = functools.partial(self.student_fn.lower, params, bs, grads, images, labels,
+                                                          teacher, enc)
+        out["update"] = lambda: self.update_fn.lower(state, grads, jnp.asarray(False))
+        return out
+
+    def precompile(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array,
+                   max_workers: int | None = None) -> dict[str, float]:
+        """Compiles every program of a step concurrently; returns seconds per program.
+
+        XLA compiles in parallel threads, so the `len(resolutions) + 2` programs take about as
+        long as the slowest one instead of their sum; later steps reuse the executables.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def build(item):
+            name, lower = item
+            t = time.perf_counter()
+            lower().compile()
+            return name, time.perf_counter() - t
+
+        items = list(self.lowerings(state, batch, encs, rng).items())
+        workers = max_workers or min(len(items), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return dict(pool.map(build, items))
+
+
+def step_encodings(space: SearchSpace) -> dict[Any, EncodedSubnet]:
+    """{'max': the max subnet, r: a subnet at resolution r for each r}: one of each program's inputs."""
+    encs: dict[Any, EncodedSubnet] = {"max": encode(space.max_subnet(), space)}
+    for r in space.resolutions:
+        encs[r] = encode(space.min_subnet().replace(resolution=r), space)
+    return encs
 
 
 # ----------------------------------------------------------------------------
@@ -418,8 +472,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = mesh_lib.to_global(next(batches), mesh)
             subnets = sandwich_subnets(space, config.seed, step, config.sandwich.num_arch_training)
             encs = [encode(s, space) for s in subnets]
-            state, metrics = step_fn(state, batch, encs, jax.random.fold_in(base_key, step),
-                                     poison=step in nan_steps)
+            rng = jax.random.fold_in(base_key, step)
+            if step == first_step and config.precompile:
+                secs = step_fn.precompile(state, batch, step_encodings(space), rng)
+                log(f"compiled {len(secs)} programs in parallel, {max(secs.values()):.1f} s "
+                    f"(slowest: {max(secs, key=secs.get)})", flush=True)
+            state, metrics = step_fn(state, batch, encs, rng, poison=step in nan_steps)
             n_last += 1
             done = step + 1
             if done % config.log_every_steps == 0 or done == total_steps:

@@ -43,11 +43,19 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
         label_smoothing=0.1, dropout=0.2, drop_connect=0.2, drop_connect_only_last_two_stages=True))
     # skip_inactive_blocks: lax.cond skips depth-inactive blocks (saves work on accelerators; on CPU the
     # cond's backward pass measured ~3x slower than computing the block and selecting).
-    c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks=False))
+    # remat: recompute block activations in the backward pass (jax.checkpoint per block): less device
+    # memory for about one extra forward per subnet; for large per-device batches.
+    # depthwise_impl: 'xla' (grouped convolution) or 'shift' (k*k shifted slices; see layers.depthwise).
+    c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks=False,
+                                             remat=False, depthwise_impl="xla"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1))  # devices on the data axis (-1: all)
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, auto=False))
+
+    # Compile every program of the step (max, one per resolution, update) in parallel threads before the
+    # first step, instead of one after the other as the steps first need them.
+    c.precompile = True
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     c.log_every_steps = 50

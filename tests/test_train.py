@@ -624,3 +624,39 @@ def test_cli_bad_subnet_name_fails_clearly(tmp_path):
     assert r.returncode != 0
     assert "'a9'" in r.stderr and "preset" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_precompile_builds_every_program_so_steps_compile_nothing():
+    """SandwichStep.precompile compiles the teacher, one student per resolution and the update up
+    front (in parallel threads); the steps after it, over every resolution, trigger no compilation."""
+    from jax import monitoring
+
+    backend_compile = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+
+    c = tiny_config(**{"sandwich.dropout": 0.2})
+    mesh = mesh_lib.make_mesh(-1)
+    model = train.make_model(c, SPACE)
+    tx = make_tx(c)
+    state, _ = train.create_state(model, tx, 0, mesh)
+    step = train.SandwichStep(model, tx, c, mesh)
+    rng = np.random.default_rng(0)
+    batch = mesh_lib.to_global({"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
+                                "label": rng.integers(0, 10, BATCH).astype(np.int32)}, mesh)
+    keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(6)]
+    secs = step.precompile(state, batch, train.step_encodings(SPACE), keys[0])
+    assert set(secs) == {"teacher (max @ 24)", "student @ 16", "student @ 24", "update"}
+    encs = [[encode(s, SPACE) for s in sandwich_subnets(SPACE, 0, i, 4)] for i in range(6)]
+    assert {e.resolution for es in encs for e in es[1:]} == set(SPACE.resolutions)
+
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event) if event == backend_compile else None  # noqa: E731
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for es, key in zip(encs, keys):
+            state, metrics = step(state, batch, es, key)
+        jax.block_until_ready(state)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert step.num_compiled() == len(secs)
+    assert int(state["step"]) == 6 and np.isfinite(float(metrics["max/loss"]))
