@@ -64,7 +64,8 @@ def depthwise(x: Array, kernel: Array, stride: int, impl: str = "xla") -> Array:
     any elementwise code: an alternative where a backend's grouped convolution is slow. XLA's CPU
     backend, for one, expands the grouped weight gradient densely (~C times the FLOPs); there
     'shift' ran one 8x56x56x192 5x5 layer 6.5x faster forward + backward, yet a whole AlphaNet
-    step (batch 2) only 1.2x faster while compiling 3x longer, so it is not the default.
+    step (batch 2, shift on its big layers) only 1.2x faster while compiling 3x longer, so it is
+    not the default (benchmarks/RESULTS.md).
     """
     if impl == "xla":
         return conv2d(x, kernel, stride, groups=x.shape[-1])
