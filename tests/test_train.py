@@ -442,6 +442,9 @@ def loop_runs(tmp_path_factory):
         def num_compiled(self):
             return self.inner.num_compiled()
 
+        def precompile(self, *args, **kwargs):
+            return self.inner.precompile(*args, **kwargs)
+
     def subnets(space, seed, step, n):
         if run["name"] == "interrupted" and step == N - 1:
             # (Without train's handler, SIGTERM would end pytest itself.)
