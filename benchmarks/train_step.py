@@ -14,7 +14,7 @@ ms/step, peak device memory, compile seconds, compiled programs and model FLOPs 
 --xla_stats adds, per compiled program, XLA's own cost and memory analysis (FLOPs and bytes
 it executes, temporary and argument memory): device-independent evidence of what masking,
 remat or bf16 change, available even where nothing can be timed. It needs no extra compile:
-the persistent compilation cache is switched on, so the analysis reloads the step's programs.
+the programs' lowerings are those precompile already compiled in this process.
 --profile writes a jax.profiler trace of a few steps (summarise it with profile_summary.py).
 """
 
@@ -101,13 +101,6 @@ def main() -> None:
     args = parse()
     import jax
 
-    if args.xla_stats or args.analyze_only:
-        # The analysis re-lowers the step's programs; with the persistent cache on, compiling them
-        # again is a cache load instead of a second compile.
-        import tempfile
-        jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "alphanet_bench_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     import jax.numpy as jnp
     import numpy as np
 
