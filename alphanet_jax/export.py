@@ -52,7 +52,7 @@ class StaticSubnet(nn.Module):
     subnet: SubnetConfig
     dtype: Any = jnp.float32
     bn_eps: float = 1e-5
-    depthwise_impl: str = "xla"
+    depthwise_impl: str = "auto"
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> Array:
@@ -97,7 +97,7 @@ class _StaticBlock(nn.Module):
     b: ActiveBlock
     bn_eps: float
     dtype: Any
-    depthwise_impl: str = "xla"
+    depthwise_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:

@@ -53,47 +53,198 @@ def conv2d(x: Array, kernel: Array, stride: int = 1, groups: int = 1) -> Array:
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-DEPTHWISE_IMPLS = ("xla", "shift")
+DEPTHWISE_IMPLS = ("auto", "xla", "shift", "taps")
 
 
-def depthwise(x: Array, kernel: Array, stride: int, impl: str = "xla") -> Array:
+def resolve_depthwise_impl(impl: str) -> str:
+    """'auto' -> 'taps' on CPU (measured fastest there, benchmarks/RESULTS.md), 'xla' elsewhere."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "taps" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def depthwise(x: Array, kernel: Array, stride: int, impl: str = "auto") -> Array:
     """Depthwise conv; kernel [k, k, 1, C]; same symmetric padding as `conv2d`.
 
-    impl 'xla' (default): XLA's grouped convolution. 'shift': the sum of k*k shifted, strided
-    slices of the input times one kernel tap each (float32 accumulation), differentiated like
-    any elementwise code: an alternative where a backend's grouped convolution is slow. XLA's CPU
-    backend, for one, expands the grouped weight gradient densely (~C times the FLOPs); there
-    'shift' ran one 8x56x56x192 5x5 layer 6.5x faster forward + backward, yet a whole AlphaNet
-    step (batch 2, shift on its big layers) only 1.2x faster while compiling 3x longer, so it is
-    not the default (benchmarks/RESULTS.md).
+    impl 'xla': XLA's grouped convolution (fast on GPU). 'shift': the sum of k*k shifted, strided
+    slices of the input times one kernel tap each (float32 accumulation), differentiated by JAX.
+    'taps': the same forward with a hand-written backward: the input gradient is again a tap sum
+    (of the output gradient with the flipped kernel; for stride 2 one tap sum per output phase),
+    the kernel gradient k*k reductions over blocks of examples that stay in cache. XLA's CPU
+    backend runs grouped convolutions slowly and expands their weight gradient densely (~C x the
+    FLOPs): one 8x56x56x192 5x5 layer took 1204 ms forward + backward with 'xla', 178 ms with
+    'shift' and ~90 ms with 'taps' (benchmarks/RESULTS.md). 'auto': 'taps' on CPU, 'xla' elsewhere.
     """
+    impl = resolve_depthwise_impl(impl)
     if impl == "xla":
         return conv2d(x, kernel, stride, groups=x.shape[-1])
     if impl == "shift":
         return _depthwise_shift(x, kernel, stride)
-    raise ValueError(f"depthwise impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    return _depthwise_taps(x, _like_varying(kernel, x), stride)
+
+
+def _like_varying(w: Array, x: Array) -> Array:
+    """w cast to vary over the shard_map axes x varies over.
+
+    Under shard_map a replicated weight meets per-device activations; a custom backward returns
+    a per-device weight gradient, which must have the weight's type. Autodiff then sums it over
+    devices, as for any replicated parameter.
+    """
+    missing = tuple(sorted(_varying_axes(x) - _varying_axes(w)))
+    return jax.lax.pcast(w, missing, to="varying") if missing else w
+
+
+def _varying_axes(x: Array) -> frozenset:
+    """The shard_map axes x varies over (`manual_axis_type.varying` in jax 0.10, `vma` before)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else (getattr(t, "vma", ()) or ()))
+
+
+def _tap_sum(xp: Array, taps: Array, ho: int, wo: int, stride: int) -> Array:
+    """sum_{i,j} xp[:, s*u + i, s*v + j, :] * taps[i, j] over u < ho, v < wo, in float32.
+
+    xp: [N, H, W, C] already padded; taps: [kh, kw, C] float32.
+    """
+    n, c = xp.shape[0], xp.shape[-1]
+    out = None
+    for i in range(taps.shape[0]):
+        for j in range(taps.shape[1]):
+            xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                               (1, stride, stride, 1))
+            t = xs.astype(jnp.float32) * taps[i, j]
+            out = t if out is None else out + t
+    return out
+
+
+def _out_size(h: int, k: int, stride: int) -> int:
+    return (h + 2 * (k // 2) - k) // stride + 1
 
 
 def _depthwise_shift(x: Array, kernel: Array, stride: int) -> Array:
     k = kernel.shape[0]
     pad = k // 2
-    n, h, w, c = x.shape
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     kf = kernel.astype(x.dtype).astype(jnp.float32)  # the taps in the compute dtype, as `conv2d`
-    out = None
-    for i in range(k):
-        for j in range(k):
-            xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                               (1, stride, stride, 1))
-            t = xs.astype(jnp.float32) * kf[i, j, 0]
-            out = t if out is None else out + t
-    return out.astype(x.dtype)
+    ho, wo = _out_size(x.shape[1], k, stride), _out_size(x.shape[2], k, stride)
+    return _tap_sum(xp, kf[:, :, 0], ho, wo, stride).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_taps(x: Array, kernel: Array, stride: int) -> Array:
+    return _depthwise_shift(x, kernel, stride)
+
+
+def _depthwise_taps_fwd(x, kernel, stride):
+    return _depthwise_shift(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_input_grad(dy: Array, taps: Array, stride: int, h: int, w: int) -> Array:
+    """d(loss)/dx of the tap sum: its transpose, again a stride-1 tap sum, one per output phase.
+
+    With xp = x padded by p = k//2: dxp[s*q + a, s*r + b] = sum_{m,l} dy[q - m, r - l] taps[a + s*m, b + s*l],
+    a correlation of dy with the flipped sub-kernel taps[a::s, b::s]; the s*s phases interleave.
+    """
+    k = taps.shape[0]
+    pad = k // 2
+    n, ho, wo, c = dy.shape
+    qh, qw = -(-(h + 2 * pad) // stride), -(-(w + 2 * pad) // stride)  # phase output sizes
+    dxp = None
+    for a in range(min(stride, k)):
+        for b in range(min(stride, k)):
+            sub = taps[a::stride, b::stride][::-1, ::-1]
+            mh, mw = sub.shape[0], sub.shape[1]
+            dyp = jnp.pad(dy, ((0, 0), (mh - 1, max(0, qh - ho)), (mw - 1, max(0, qw - wo)), (0, 0)))
+            phase = _tap_sum(dyp, sub, qh, qw, 1)
+            if stride > 1:  # phase (a, b) fills rows s*q + a, columns s*r + b
+                zero = jnp.zeros((), phase.dtype)
+                phase = jax.lax.pad(phase, zero, ((0, 0, 0), (a, stride - 1 - a, stride - 1),
+                                                  (b, stride - 1 - b, stride - 1), (0, 0, 0)))
+            dxp = phase if dxp is None else dxp + phase
+    return dxp[:, pad:pad + h, pad:pad + w, :].astype(dy.dtype)
+
+
+def _depthwise_kernel_grad(x: Array, dy: Array, k: int, stride: int, chunk_elems: int = 1 << 17) -> Array:
+    """[k*k, C] float32: sum over examples and positions of each tap's input slice times dy.
+
+    The k*k reductions run chunk by chunk (one example, a band of output rows: about `chunk_elems`
+    values of dy) in a scan, so each chunk's input rows stay in cache for all k*k taps instead of
+    k*k passes over the whole batch.
+    """
+    pad = k // 2
+    n, ho, wo, c = dy.shape
+    rows = max(1, min(ho, chunk_elems // max(1, wo * c)))  # output rows per chunk
+    chunks = -(-ho // rows)
+    in_rows = (rows - 1) * stride + k  # padded input rows a chunk reads
+    # Zero rows past the end contribute nothing; pad so that every chunk is full.
+    xp = jnp.pad(x, ((0, 0), (pad, pad + max(0, chunks * rows * stride + k - stride - (x.shape[1] + 2 * pad))),
+                     (pad, pad), (0, 0)))
+    dyp = jnp.pad(dy, ((0, 0), (0, chunks * rows - ho), (0, 0), (0, 0)))
+
+    def chunk_taps(_, idx):
+        e, t = idx // chunks, idx % chunks
+        xs = jax.lax.dynamic_slice(xp, (e, t * rows * stride, 0, 0), (1, in_rows, xp.shape[2], c))
+        d = jax.lax.dynamic_slice(dyp, (e, t * rows, 0, 0), (1, rows, wo, c)).astype(jnp.float32)
+        part = jnp.stack([
+            jnp.sum(jax.lax.slice(xs, (0, i, j, 0), (1, i + (rows - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                                  (1, stride, stride, 1)).astype(jnp.float32) * d, axis=(0, 1, 2))
+            for i in range(k) for j in range(k)])
+        return None, part
+
+    # Per-chunk partial sums as scan outputs, not a carry: a carry would need its varying-ness
+    # declared under shard_map.
+    _, parts = jax.lax.scan(chunk_taps, None, jnp.arange(n * chunks))
+    return jnp.sum(parts, axis=0)
+
+
+def _depthwise_taps_bwd(stride, res, dy):
+    x, kernel = res
+    k = kernel.shape[0]
+    kf = kernel.astype(x.dtype).astype(jnp.float32)[:, :, 0]
+    dx = _depthwise_input_grad(dy, kf, stride, x.shape[1], x.shape[2])
+    dk = _depthwise_kernel_grad(x, dy, k, stride).reshape(k, k, 1, -1)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
 def pointwise(x: Array, kernel: Array) -> Array:
-    """1x1 conv as a matmul; kernel [C_in, C_out]."""
+    """1x1 conv as a matmul; kernel [C_in, C_out].
+
+    On CPU the backward is hand-written (`_pointwise_cpu`): JAX's own makes XLA fuse the
+    surrounding BN backward into a transpose of the output gradient, which ran 2-3x slower
+    for an expand conv (8x112x112, 24 -> 144: 178 -> 81 ms forward + backward with a BN around it).
+    """
+    if jax.default_backend() == "cpu":
+        return _pointwise_cpu(x, _like_varying(kernel, x))
+    return _pointwise(x, kernel)
+
+
+def _pointwise(x: Array, kernel: Array) -> Array:
     return jnp.einsum("nhwc,cd->nhwd", x, kernel.astype(x.dtype))
+
+
+@jax.custom_vjp
+def _pointwise_cpu(x: Array, kernel: Array) -> Array:
+    return _pointwise(x, kernel)
+
+
+def _pointwise_cpu_fwd(x, kernel):
+    return _pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_cpu_bwd(res, dy):
+    x, kernel = res
+    dx = jnp.einsum("nhwd,cd->nhwc", dy, kernel.astype(dy.dtype))
+    x2, d2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dk = jnp.dot(x2.T, d2, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_pointwise_cpu.defvjp(_pointwise_cpu_fwd, _pointwise_cpu_bwd)
 
 
 def batch_stats(x: Array, axis_name: str | None = None) -> tuple[Array, Array, Array]:

@@ -150,8 +150,14 @@ def block_stats(b: BlockSpec) -> dict:
 
 
 def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: bool, eps: float,
-                   axis_name: str | None, dc_rate: Array, dc_static_rate: float, rng: Array | None,
-                   depthwise_impl: str = "xla") -> tuple[Array, dict]:
+                   axis_name: str | None, dc_rate: Array, dc_static: bool, rng: Array | None,
+                   index: Any = None, depthwise_impl: str = "auto") -> tuple[Array, dict]:
+    """One block at its maximum shape under the subnet's masks `e`.
+
+    `dc_rate` is the block's drop-connect rate (the run's rate x its multiplier i / num_blocks),
+    applied when `dc_static` and an rng are given; `index` (default b.index, traced inside a scan)
+    folds the block into the rng.
+    """
     act = layers.activation(b.act)
     in_m = layers.channel_mask(e["in_ch"], b.max_in)
     mid_m = layers.channel_mask(e["mid"], b.max_mid)
@@ -191,16 +197,40 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
         sc = x
     else:  # the first block of a stride-1 stage: residual only when the active widths agree
         sc = jnp.where(e["in_ch"] == e["out_ch"], layers.fit_channels(x, b.max_out), jnp.zeros((), x.dtype))
-    if dc_static_rate > 0 and rng is not None:
+    if dc_static and rng is not None:
         # Drop-connect only on identity-shaped shortcuts, one Bernoulli per sample (spec §2.8).
-        rate = dc_rate * dc_static_rate
-        keep = 1.0 - rate
-        u = jax.random.uniform(jax.random.fold_in(rng, b.index), (x.shape[0], 1, 1, 1))
+        keep = 1.0 - dc_rate
+        u = jax.random.uniform(jax.random.fold_in(rng, b.index if index is None else index), (x.shape[0], 1, 1, 1))
         m = jnp.floor(keep + u) / keep
         identity = (b.stride == 1) & (e["in_ch"] == e["out_ch"])
         h = jnp.where(identity, h * m.astype(h.dtype), h)
     out = h if sc is None else h + sc
     return out, (new if train else None)
+
+
+def block_groups(space: SearchSpace) -> list[list[BlockSpec]]:
+    """The blocks in execution order, grouped for `forward`: each stage's first block alone, its
+    other blocks (one shape: stride 1, max_in = max_out) together, to run as one scanned body."""
+    groups: list[list[BlockSpec]] = []
+    for si in range(space.num_stages):
+        blocks = [space.blocks[i] for i in space.stage_blocks(si)]
+        groups.append(blocks[:1])
+        if len(blocks) > 1:
+            groups.append(blocks[1:])
+    return groups
+
+
+def resolve_scan_blocks(scan_blocks: bool | str) -> bool:
+    """'auto' -> True on CPU (compiles ~2x faster there, benchmarks/RESULTS.md), False elsewhere;
+    also True/False or their spelling as a string (a config field holds 'auto', 'true' or 'false')."""
+    if isinstance(scan_blocks, (bool, np.bool_)):
+        return bool(scan_blocks)
+    value = str(scan_blocks).lower()
+    if value == "auto":
+        return jax.default_backend() == "cpu"
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError(f"scan_blocks must be True, False or 'auto', got {scan_blocks!r}")
 
 
 def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) -> list[float]:
@@ -214,15 +244,18 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             train: bool, dtype: Any = jnp.float32, bn_eps: float = 1e-5, axis_name: str | None = None,
             dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
             drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True,
-            collect_stats: bool = False, remat: bool = False, depthwise_impl: str = "xla"
-            ) -> tuple[Array, dict | None]:
+            collect_stats: bool = False, remat: bool = False, depthwise_impl: str = "auto",
+            scan_blocks: bool | str = "auto") -> tuple[Array, dict | None]:
     """Logits (float32) and, with `collect_stats` in train mode, this batch's BN statistics.
 
     `remat` recomputes each block's activations in the backward pass instead of keeping
     them (`jax.checkpoint` per block): less device memory for about one extra forward.
     `depthwise_impl` picks the depthwise convolution's implementation (`layers.depthwise`).
+    `scan_blocks` runs each stage's same-shape blocks as one `lax.scan` body (`block_groups`):
+    the same arithmetic in a program a fraction of the size, so it compiles faster.
     """
     collect_stats = collect_stats and train
+    scan_blocks = resolve_scan_blocks(scan_blocks)
     chex.assert_rank(images, 4)
     if images.shape[-1] != space.in_channels:
         raise ValueError(f"images have {images.shape[-1]} channels, the space expects {space.in_channels} "
@@ -236,35 +269,61 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     x = jnp.where(stem_m, layers.activation(space.act)(x), 0)
     dc_rates = drop_connect_rates(space, drop_connect_only_last_two_stages)
     dc_rate = jnp.asarray(drop_connect_rate, jnp.float32)
-    for b in space.blocks:
-        name = f"block{b.index}"
-        e = {k: getattr(enc, k)[b.index] for k in ("in_ch", "mid", "out_ch", "kernel", "se")}
-        p, s = params[name], stats[name]
 
-        def block(x, p, s, e, dc_rate, rng, b=b):
+    def block_fn(b: BlockSpec, dc_static: bool):
+        """(x, p, s, e, dc_mult, index) -> (x, stats): one block, active or not, as configured."""
+
+        def run(x, p, s, e, dc_mult, index):
             y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
-                                   dc_rate=dc_rate, dc_static_rate=dc_rates[b.index], rng=rng,
+                                   dc_rate=dc_rate * dc_mult, dc_static=dc_static, rng=rng, index=index,
                                    depthwise_impl=depthwise_impl)
             return y, (ns if collect_stats else None)
 
         if remat:
-            block = jax.checkpoint(block)
+            run = jax.checkpoint(run)
 
-        def run(x, p=p, s=s, e=e, block=block):
-            return block(x, p, s, e, dc_rate, rng)
+        def apply(x, p, s, e, dc_mult, index, active, always: bool):
+            if always:  # runs in every subnet
+                return run(x, p, s, e, dc_mult, index)
 
-        def skip(x, s=s, b=b):
-            # An inactive block is the identity and leaves its statistics as they were.
-            return layers.fit_channels(x, b.max_out), (s if collect_stats else None)
+            def skip(x):
+                # An inactive block is the identity and leaves its statistics as they were.
+                return layers.fit_channels(x, b.max_out), (s if collect_stats else None)
 
-        if b.position < min(space.stages[b.stage].depths):  # runs in every subnet
-            x, ns = run(x)
-        elif skip_inactive:
-            x, ns = jax.lax.cond(enc.active[b.index] > 0, run, skip, x)
-        else:
-            y, ns = run(x)
-            x = jnp.where(enc.active[b.index] > 0, y, layers.fit_channels(x, b.max_out))
-        new[name] = ns
+            if skip_inactive:
+                return jax.lax.cond(active > 0, lambda x: run(x, p, s, e, dc_mult, index), skip, x)
+            y, ns = run(x, p, s, e, dc_mult, index)
+            return jnp.where(active > 0, y, layers.fit_channels(x, b.max_out)), ns
+
+        return apply
+
+    fields = ("in_ch", "mid", "out_ch", "kernel", "se")
+    for group in block_groups(space) if scan_blocks else [[b] for b in space.blocks]:
+        b = group[0]
+        idx = [g.index for g in group]
+        always = all(g.position < min(space.stages[g.stage].depths) for g in group)
+        dc_static = any(dc_rates[i] > 0 for i in idx)
+        apply = block_fn(b, dc_static)
+        if len(group) == 1:
+            x, ns = apply(x, params[f"block{b.index}"], stats[f"block{b.index}"],
+                          {k: getattr(enc, k)[b.index] for k in fields}, np.float32(dc_rates[b.index]),
+                          b.index, enc.active[b.index], always)
+            new[f"block{b.index}"] = ns
+            continue
+        # Blocks 1.. of a stage have one shape: one scanned body instead of one copy per block
+        # (compile time grows with the program's size).
+        stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+        ii = np.asarray(idx)
+        xs = (stack([params[f"block{i}"] for i in idx]), stack([stats[f"block{i}"] for i in idx]),
+              {k: getattr(enc, k)[ii] for k in fields}, jnp.asarray([dc_rates[i] for i in idx], jnp.float32),
+              jnp.asarray(ii, jnp.int32), enc.active[ii])
+
+        def body(x, xs, apply=apply, always=always):
+            return apply(x, *xs, always)
+
+        x, ns = jax.lax.scan(body, x, xs)
+        for j, i in enumerate(idx):
+            new[f"block{i}"] = None if ns is None else jax.tree.map(lambda a, j=j: a[j], ns)
     # Head (spec §2.4): expand + BN + act, pool, ['v3': feature mix (no BN, no bias) + act], dropout,
     # classifier. 'v2' (MobileNetV2): the expand is the last 1x1 conv, its output feeds the classifier.
     act = layers.activation(space.act)
@@ -314,7 +373,8 @@ class Supernet(nn.Module):
     drop_connect_only_last_two_stages: bool = True
     skip_inactive: bool = True
     remat: bool = False
-    depthwise_impl: str = "xla"
+    depthwise_impl: str = "auto"
+    scan_blocks: bool | str = "auto"
 
     @nn.compact
     def __call__(self, images: Array, subnet: SubnetConfig | EncodedSubnet, train: bool = False,
@@ -362,7 +422,7 @@ class Supernet(nn.Module):
                               drop_connect_rate=drop_connect_rate, rng=rng,
                               drop_connect_only_last_two_stages=self.drop_connect_only_last_two_stages,
                               skip_inactive=self.skip_inactive, remat=self.remat,
-                              depthwise_impl=self.depthwise_impl,
+                              depthwise_impl=self.depthwise_impl, scan_blocks=self.scan_blocks,
                               collect_stats=self.is_mutable_collection("batch_stats"))
         if new is not None:
             for k, var in stat_vars.items():

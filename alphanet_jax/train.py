@@ -36,6 +36,7 @@ from alphanet_jax import layers
 from alphanet_jax import losses
 from alphanet_jax import mesh as mesh_lib
 from alphanet_jax.search_space import SearchSpace, get_space, sandwich_subnets
+from alphanet_jax import supernet as supernet_lib
 from alphanet_jax.supernet import EncodedSubnet, Supernet, encode
 
 Array = jax.Array
@@ -107,7 +108,8 @@ def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_traini
     return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
-                    skip_inactive=m.skip_inactive_blocks, remat=m.remat, depthwise_impl=m.depthwise_impl)
+                    skip_inactive=m.skip_inactive_blocks, remat=m.remat, depthwise_impl=m.depthwise_impl,
+                    scan_blocks=supernet_lib.resolve_scan_blocks(m.scan_blocks))
 
 
 def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array, Array], Array]:
@@ -277,8 +279,11 @@ class SandwichStep:
                    max_workers: int | None = None) -> dict[str, float]:
         """Compiles every program of a step concurrently; returns seconds per program.
 
-        XLA compiles in parallel threads, so the `len(resolutions) + 2` programs take about as
-        long as the slowest one instead of their sum; later steps reuse the executables.
+        With enough cores XLA compiles in parallel threads, so the `len(resolutions) + 2` programs
+        take about as long as the slowest one instead of their sum; later steps reuse the
+        executables. On 2 cores concurrent compiles slow each other down more than they overlap
+        (AlphaNet, batch 8: 222 s in 2 threads vs 145 s one after the other, benchmarks/RESULTS.md),
+        so there the default is one thread.
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -289,7 +294,8 @@ class SandwichStep:
             return name, time.perf_counter() - t
 
         items = list(self.lowerings(state, batch, encs, rng).items())
-        workers = max_workers or min(len(items), os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        workers = max_workers or (1 if cores <= 2 else min(len(items), cores))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return dict(pool.map(build, items))
 

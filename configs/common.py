@@ -45,9 +45,12 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # cond's backward pass measured ~3x slower than computing the block and selecting).
     # remat: recompute block activations in the backward pass (jax.checkpoint per block): less device
     # memory for about one extra forward per subnet; for large per-device batches.
-    # depthwise_impl: 'xla' (grouped convolution) or 'shift' (k*k shifted slices; see layers.depthwise).
+    # depthwise_impl: 'auto' ('taps' on CPU, 'xla' elsewhere), 'xla' (grouped convolution), 'shift' or
+    # 'taps' (k*k shifted slices, autodiff or hand-written backward; see layers.depthwise).
+    # scan_blocks: 'auto' (True on CPU, False elsewhere): each stage's same-shape blocks run as one
+    # lax.scan body, a smaller program that compiles faster (supernet.forward).
     c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks=False,
-                                             remat=False, depthwise_impl="xla"))
+                                             remat=False, depthwise_impl="auto", scan_blocks="auto"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1))  # devices on the data axis (-1: all)
     c.distributed = ml_collections.ConfigDict(dict(

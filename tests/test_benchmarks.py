@@ -64,7 +64,7 @@ def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exit 1" not in out.stdout and "exit 124" not in out.stdout, out.stdout[-5000:]
-    for label in ("bf16", "bf16_skip", "bf16_remat", "fp32", "bf16_shift"):
+    for label in ("bf16", "bf16_skip", "bf16_remat", "fp32", "bf16_taps"):
         r = json.loads((tmp_path / f"train_{label}.json").read_text())
         assert r["label"] == label and r["images_per_s"] > 0 and r["recompiled"] == 0 and r["late_compiles"] == 0
     for s in ("min", "max"):

@@ -1,4 +1,5 @@
-"""Building blocks: both depthwise-convolution implementations compute the same convolution."""
+"""Building blocks: every depthwise-convolution implementation computes the same convolution, and the
+CPU pointwise backward equals JAX's own."""
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,18 @@ from alphanet_jax import layers
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(1, 3), h=st.integers(3, 12), w=st.integers(3, 12), c=st.integers(1, 9),
-       k=st.sampled_from([1, 3, 5, 7]), stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16))
-def test_shifted_depthwise_equals_xla_grouped_convolution_values_and_gradients(n, h, w, c, k, stride, seed):
+@given(n=st.integers(1, 3), h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 9),
+       k=st.sampled_from([1, 3, 5, 7]), stride=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+       impl=st.sampled_from(["shift", "taps"]))
+def test_shifted_depthwise_equals_xla_grouped_convolution_values_and_gradients(n, h, w, c, k, stride, seed, impl):
+    """Values and both gradients (odd sizes, strides 1 and 2, kernels smaller or larger than the input).
+
+    Tolerance: k*k float32 products summed in another order, |error| <= k*k * eps * sum|terms|; with
+    unit normals that sum stays below ~5k*k, so 1e-5 absolute plus relative (gradients: on their scale)."""
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kk, (k, k, 1, c))
-    y, vjp = jax.vjp(lambda a, b: layers.depthwise(a, b, stride, "shift"), x, kernel)
+    y, vjp = jax.vjp(lambda a, b: layers.depthwise(a, b, stride, impl), x, kernel)
     y_ref, vjp_ref = jax.vjp(lambda a, b: layers.depthwise(a, b, stride, "xla"), x, kernel)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -52,6 +58,57 @@ def test_shift_gradient_does_only_the_necessary_work_where_xla_cpu_expands_it():
 
     assert flops("shift") < 3 * needed
     assert flops("xla") > 20 * needed  # the expansion; if XLA's CPU backend fixes it, update the docstring
+
+
+def test_taps_kernel_gradient_is_the_same_in_any_chunking():
+    """The kernel gradient's chunks (bands of rows, one example each) add up to the whole reduction."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 9, 4))
+    for stride in (1, 2):
+        dy = jax.random.normal(jax.random.PRNGKey(stride), (3, (11 - 1) // stride + 1, (9 - 1) // stride + 1, 4))
+        whole = layers._depthwise_kernel_grad(x, dy, 5, stride, chunk_elems=1 << 30)
+        for chunk in (1, 9 * 4, 3 * 9 * 4):
+            np.testing.assert_allclose(layers._depthwise_kernel_grad(x, dy, 5, stride, chunk_elems=chunk), whole,
+                                       rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["taps", "xla"])
+def test_depthwise_and_pointwise_gradients_under_shard_map_sum_over_devices(impl):
+    """A replicated kernel inside shard_map: the hand-written backwards give the per-device kernel
+    gradients, which autodiff sums over the 8 devices, as XLA's own convolution does."""
+    from jax.sharding import PartitionSpec as P
+
+    from alphanet_jax import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh(8)
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 6, 4))
+    dw = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 1, 4))
+    pw = jax.random.normal(jax.random.PRNGKey(2), (4, 5))
+
+    def local(x, dw, pw):
+        h = layers.pointwise(layers.depthwise(x, dw, 2, impl), pw)
+        return jax.lax.psum(jnp.sum(jnp.sin(h)), "data")
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P())
+    plain = lambda x, dw, pw: jnp.sum(jnp.sin(layers._pointwise(layers.depthwise(x, dw, 2, "xla"), pw)))  # noqa: E731
+    got = jax.grad(sharded, argnums=(0, 1, 2))(x, dw, pw)
+    want = jax.grad(plain, argnums=(0, 1, 2))(x, dw, pw)
+    for g, w_ in zip(got, want):
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5 * float(jnp.abs(w_).max()))
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 3), h=st.integers(1, 9), cin=st.integers(1, 12), cout=st.integers(1, 12),
+       seed=st.integers(0, 2**16))
+def test_pointwise_cpu_backward_equals_autodiff(n, h, cin, cout, seed):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(kx, (n, h, h + 1, cin))
+    kernel = jax.random.normal(kk, (cin, cout))
+    y, vjp = jax.vjp(layers._pointwise_cpu, x, kernel)
+    y_ref, vjp_ref = jax.vjp(layers._pointwise, x, kernel)
+    np.testing.assert_array_equal(y, y_ref)
+    g = jax.random.normal(kg, y.shape)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        # sums of n*h*(h+1) (or cout) products in another order
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(want).max())))
 
 
 def test_unknown_depthwise_impl_is_refused():

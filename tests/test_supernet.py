@@ -151,7 +151,7 @@ def test_inactive_channels_stay_zero(tiny_vars, train):
             p = tiny_vars["params"][f"block{a.index}"]
             st = tiny_vars["batch_stats"][f"block{a.index}"]
             y, _ = supernet._block_forward(p, st, x, e, b, train=train, eps=1e-5, axis_name=None,
-                                           dc_rate=0.0, dc_static_rate=0.0, rng=None)
+                                           dc_rate=0.0, dc_static=False, rng=None)
             assert y.shape[-1] == b.max_out
             assert float(jnp.abs(y[..., a.out_ch:]).max(initial=0)) == 0.0
             assert float(jnp.abs(y[..., :a.out_ch]).max()) > 0
@@ -290,5 +290,55 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
         enc = supernet.encode(s, TINY)
         (ga, (za, sa)), (gb, (zb, sb)) = fa(tiny_vars["params"], enc), fb(tiny_vars["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+
+
+# A tiny space with deep stages, so that `scan_blocks` has groups of several blocks to scan (and
+# groups that mix always-run and depth-optional positions).
+DEEP = ss.get_space(dict(ss.TINY_SPACE, name="tiny_deep", stages=[
+    dict(st, depths=[1, 2, 3, 4]) if i != 1 else dict(st, depths=[2, 4]) for i, st in enumerate(ss.TINY_SPACE["stages"])]))
+
+
+def test_block_groups_scan_each_stages_same_shape_blocks():
+    groups = supernet.block_groups(DEEP)
+    assert [[b.index for b in g] for g in groups] == [[0], [1, 2, 3], [4], [5, 6, 7], [8], [9, 10, 11]]
+    for g in groups[1::2]:
+        assert len({(b.stride, b.max_in, b.max_out, b.max_mid, b.max_kernel, b.se) for b in g}) == 1
+    assert supernet.resolve_scan_blocks("auto") is (jax.default_backend() == "cpu")
+    assert supernet.resolve_scan_blocks("False") is False and supernet.resolve_scan_blocks(True) is True
+    with pytest.raises(ValueError, match="scan_blocks"):
+        supernet.resolve_scan_blocks("sometimes")
+
+
+@pytest.mark.parametrize("skip_inactive,remat", [(False, False)])
+def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, remat):
+    """`scan_blocks` only changes the program's shape: train-mode logits, BN statistics and gradients
+    (dropout and drop-connect on) equal the unrolled network's. Tolerance: the same float32
+    arithmetic fused differently, on the scale of each tensor."""
+    variables = _lively(supernet.init_variables(DEEP, seed=3), DEEP)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, DEEP.num_classes))
+
+    def make(scan):
+        model = supernet.Supernet(space=DEEP, skip_inactive=skip_inactive, remat=remat, scan_blocks=scan)
+
+        @jax.jit
+        def f(params, enc):
+            def loss(p):
+                z, st = model.apply({**variables, "params": p}, x, enc, train=True, dropout_rate=0.3,
+                                    drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)},
+                                    mutable=["batch_stats"])
+                return jnp.sum(z * w), (z, st)
+            return jax.grad(loss, has_aux=True)(params)
+        return f
+
+    unrolled, scanned = make(False), make(True)
+    rng = random.Random(7)
+    for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [ss.sample_subnet(DEEP, rng) for _ in range(2)]:
+        enc = supernet.encode(s, DEEP)
+        (ga, (za, sa)), (gb, (zb, sb)) = unrolled(variables["params"], enc), scanned(variables["params"], enc)
+        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
+        assert jax.tree.structure((ga, sa)) == jax.tree.structure((gb, sb))
         for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
