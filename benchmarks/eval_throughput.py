@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 class StaticEvaluator:
     """The sliced subnet, compiled for itself: the same calibrate / evaluate calls as `Evaluator`."""
 
-    def __init__(self, space, variables, subnet, mesh, dtype, depthwise_impl="xla"):
+    def __init__(self, space, variables, subnet, mesh, dtype, depthwise_impl="auto"):
         import jax
         import jax.numpy as jnp
 
@@ -94,7 +94,8 @@ def main(argv=None) -> None:
     ap.add_argument("--mode", default="masked", choices=["masked", "static"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
-    ap.add_argument("--depthwise_impl", default="xla", choices=["xla", "shift"])
+    ap.add_argument("--depthwise_impl", default="auto", choices=["auto", "xla", "shift", "taps"],
+                    help="see layers.depthwise (auto: taps on CPU, xla elsewhere)")
     args = ap.parse_args(argv)
 
     import jax

@@ -3,7 +3,7 @@
 # of GPU time. Every figure lands in $OUT (default ./gpu_results) as it is measured, so a run cut
 # short still returns what it finished.
 #
-#   bash benchmarks/gpu_suite.sh train    # sandwich step: bf16, then skip/remat/fp32/shift variants
+#   bash benchmarks/gpu_suite.sh train    # sandwich step: bf16, then skip/remat/fp32/taps variants
 #   bash benchmarks/gpu_suite.sh eval     # calibration + evaluation: A0/A6/max, masked vs static
 #   bash benchmarks/gpu_suite.sh all
 #   SUITE_SMALL=1 bash benchmarks/gpu_suite.sh all   # tiny settings: checks this script on CPU
@@ -54,8 +54,8 @@ if [ "$what" = train ] || [ "$what" = all ]; then
     --label=bf16_remat --json="$OUT/train_bf16_remat.json"
   run "$T_TRAIN" train_fp32 "$PY" benchmarks/train_step.py "${TRAIN[@]}" --dtype=float32 --label=fp32 \
     --json="$OUT/train_fp32.json"
-  run "$T_TRAIN" train_bf16_shift "$PY" benchmarks/train_step.py "${TRAIN[@]}" --dtype=bfloat16 \
-    --depthwise_impl=shift --label=bf16_shift --json="$OUT/train_bf16_shift.json"
+  run "$T_TRAIN" train_bf16_taps "$PY" benchmarks/train_step.py "${TRAIN[@]}" --dtype=bfloat16 \
+    --depthwise_impl=taps --label=bf16_taps --json="$OUT/train_bf16_taps.json"
 fi
 
 if [ "$what" = eval ] || [ "$what" = all ]; then

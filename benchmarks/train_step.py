@@ -43,7 +43,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num_arch_training", type=int, default=4)
     p.add_argument("--skip_inactive_blocks", action="store_true", help="lax.cond over depth-inactive blocks")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
-    p.add_argument("--depthwise_impl", default="xla", help="xla | shift (see layers.depthwise)")
+    p.add_argument("--depthwise_impl", default="auto",
+                   help="auto | xla | shift | taps (see layers.depthwise; auto: taps on CPU, xla elsewhere)")
+    p.add_argument("--scan_blocks", default="auto",
+                   help="auto | true | false: scan each stage's same-shape blocks (auto: true on CPU)")
     p.add_argument("--xla_stats", action="store_true", help="print XLA cost/memory analysis per program")
     p.add_argument("--analyze_only", action="store_true",
                    help="compile and print --xla_stats without running a step (sizes a config without the memory)")
@@ -114,6 +117,7 @@ def main() -> None:
     config.model.skip_inactive_blocks = args.skip_inactive_blocks
     config.model.remat = args.remat
     config.model.depthwise_impl = args.depthwise_impl
+    config.model.scan_blocks = args.scan_blocks
     config.sandwich.num_arch_training = args.num_arch_training
     space = ss.get_space(config.space)
     mesh = mesh_lib.make_mesh(-1)
@@ -152,7 +156,7 @@ def main() -> None:
               "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "jax": jax.__version__, "batch_per_device": args.batch_per_device, "image_size": args.image_size,
               "remat": args.remat, "skip_inactive_blocks": args.skip_inactive_blocks,
-              "depthwise_impl": args.depthwise_impl,
+              "depthwise_impl": args.depthwise_impl, "scan_blocks": args.scan_blocks,
               "num_arch_training": args.num_arch_training}
 
     if args.analyze_only:
@@ -205,8 +209,8 @@ def main() -> None:
             ("space", space.name), ("dtype", dtype),
             ("per-device batch", args.batch_per_device), ("input size", args.image_size),
             ("subnets per step", args.num_arch_training),
-            ("remat / skip inactive / depthwise", f"{args.remat} / {args.skip_inactive_blocks} / "
-                                                  f"{args.depthwise_impl}"),
+            ("remat / skip inactive / depthwise / scan", f"{args.remat} / {args.skip_inactive_blocks} / "
+                                                         f"{args.depthwise_impl} / {args.scan_blocks}"),
             ("images/s (median)", f"{batch / med:.1f}"), ("ms/step (median)", f"{1000 * med:.1f}"),
             ("ms/step (min, max)", f"{1000 * min(times):.1f}, {1000 * max(times):.1f}"),
             ("host dispatch ms/step (median)", f"{1000 * statistics.median(dispatch):.1f} (returns before the "
