@@ -103,18 +103,22 @@ def _varying_axes(x: Array) -> frozenset:
     return frozenset(mat.varying if mat is not None else (getattr(t, "vma", ()) or ()))
 
 
+def _tap_window(xp: Array, i: int, j: int, ho: int, wo: int, stride: int) -> Array:
+    """xp[:, s*u + i, s*v + j, :] for u < ho, v < wo: the inputs that tap (i, j) multiplies."""
+    n, c = xp.shape[0], xp.shape[-1]
+    return jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                         (1, stride, stride, 1))
+
+
 def _tap_sum(xp: Array, taps: Array, ho: int, wo: int, stride: int) -> Array:
     """sum_{i,j} xp[:, s*u + i, s*v + j, :] * taps[i, j] over u < ho, v < wo, in float32.
 
     xp: [N, H, W, C] already padded; taps: [kh, kw, C] float32.
     """
-    n, c = xp.shape[0], xp.shape[-1]
     out = None
     for i in range(taps.shape[0]):
         for j in range(taps.shape[1]):
-            xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                               (1, stride, stride, 1))
-            t = xs.astype(jnp.float32) * taps[i, j]
+            t = _tap_window(xp, i, j, ho, wo, stride).astype(jnp.float32) * taps[i, j]
             out = t if out is None else out + t
     return out
 
@@ -187,10 +191,8 @@ def _depthwise_kernel_grad(x: Array, dy: Array, k: int, stride: int, chunk_elems
         e, t = idx // chunks, idx % chunks
         xs = jax.lax.dynamic_slice(xp, (e, t * rows * stride, 0, 0), (1, in_rows, xp.shape[2], c))
         d = jax.lax.dynamic_slice(dyp, (e, t * rows, 0, 0), (1, rows, wo, c)).astype(jnp.float32)
-        part = jnp.stack([
-            jnp.sum(jax.lax.slice(xs, (0, i, j, 0), (1, i + (rows - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                                  (1, stride, stride, 1)).astype(jnp.float32) * d, axis=(0, 1, 2))
-            for i in range(k) for j in range(k)])
+        part = jnp.stack([jnp.sum(_tap_window(xs, i, j, rows, wo, stride).astype(jnp.float32) * d, axis=(0, 1, 2))
+                          for i in range(k) for j in range(k)])
         return None, part
 
     # Per-chunk partial sums as scan outputs, not a carry: a carry would need its varying-ness

@@ -282,7 +282,7 @@ class SandwichStep:
         With enough cores XLA compiles in parallel threads, so the `len(resolutions) + 2` programs
         take about as long as the slowest one instead of their sum; later steps reuse the
         executables. On 2 cores concurrent compiles slow each other down more than they overlap
-        (AlphaNet, batch 8: 222 s in 2 threads vs 145 s one after the other, benchmarks/RESULTS.md),
+        (AlphaNet, batch 8: 222 s in 2 threads vs 199 s one after the other, benchmarks/RESULTS.md),
         so there the default is one thread.
         """
         from concurrent.futures import ThreadPoolExecutor

@@ -264,6 +264,20 @@ def test_mobilenet_v2_style_blocks_have_no_shortcut_params_and_unit_gamma():
     assert all("shortcut" in supernet.init_block(jax.random.PRNGKey(0), b) for b in TINY.blocks[:1])
 
 
+def _train_grads(model, variables, x, w):
+    """jit (params, enc) -> (grads, (logits, BN stats)) of sum(logits * w) in train mode, dropout and
+    drop-connect on: what the option-equivalence tests compare."""
+    @jax.jit
+    def f(params, enc):
+        def loss(p):
+            z, st = model.apply({**variables, "params": p}, x, enc, train=True, dropout_rate=0.3,
+                                drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)},
+                                mutable=["batch_stats"])
+            return jnp.sum(z * w), (z, st)
+        return jax.grad(loss, has_aux=True)(params)
+    return f
+
+
 @pytest.mark.parametrize("skip_inactive", [False, True])
 def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactive):
     """`remat` (recompute blocks in the backward pass) and `skip_inactive` change memory and speed,
@@ -273,18 +287,7 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
     w = jax.random.normal(jax.random.PRNGKey(1), (4, TINY.num_classes))
 
-    def make(model):
-        @jax.jit
-        def f(params, enc):
-            def loss(p):
-                z, st = model.apply({**tiny_vars, "params": p}, x, enc, train=True, dropout_rate=0.3,
-                                    drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)},
-                                    mutable=["batch_stats"])
-                return jnp.sum(z * w), (z, st)
-            return jax.grad(loss, has_aux=True)(params)
-        return f
-
-    fa, fb = make(base), make(other)
+    fa, fb = _train_grads(base, tiny_vars, x, w), _train_grads(other, tiny_vars, x, w)
     rng = random.Random(5)
     for s in [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(4)]:
         enc = supernet.encode(s, TINY)
@@ -320,20 +323,8 @@ def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, 
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
     w = jax.random.normal(jax.random.PRNGKey(1), (4, DEEP.num_classes))
 
-    def make(scan):
-        model = supernet.Supernet(space=DEEP, skip_inactive=skip_inactive, remat=remat, scan_blocks=scan)
-
-        @jax.jit
-        def f(params, enc):
-            def loss(p):
-                z, st = model.apply({**variables, "params": p}, x, enc, train=True, dropout_rate=0.3,
-                                    drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)},
-                                    mutable=["batch_stats"])
-                return jnp.sum(z * w), (z, st)
-            return jax.grad(loss, has_aux=True)(params)
-        return f
-
-    unrolled, scanned = make(False), make(True)
+    unrolled, scanned = (_train_grads(supernet.Supernet(space=DEEP, skip_inactive=skip_inactive, remat=remat,
+                                                        scan_blocks=scan), variables, x, w) for scan in (False, True))
     rng = random.Random(7)
     for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [ss.sample_subnet(DEEP, rng) for _ in range(2)]:
         enc = supernet.encode(s, DEEP)
