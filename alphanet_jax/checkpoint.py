@@ -6,6 +6,13 @@ JSON. Orbax writes each step to a temporary directory and renames it when
 complete, so a crash mid-write never leaves a checkpoint that `latest_step`
 returns. Restores check that the checkpoint was made for the same search space
 and that every tensor exists with the right shape.
+
+Integrity: Orbax/TensorStore checksum only the chunk index of an array file, not its
+data (flipped bytes inside a tensor file restore silently), so every save stores a
+digest per array leaf in the metadata, and every restore recomputes and compares them.
+`restore_newest` takes the newest checkpoint that is complete and verifies; a damaged
+one is reported in one line and moved aside (`<dir>-damaged/<step>`, never deleted), so a
+later save of that step works.
 """
 
 from __future__ import annotations
@@ -13,19 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alphanet_jax.errors import CheckpointError  # the package's type: a checkpoint unusable for this run
+from alphanet_jax.fingerprint import leaf_digests
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used for this run."""
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files are missing, truncated or fail verification (older ones may be fine)."""
 
 
 _DELETE_HINT = "delete that step directory to resume from an earlier one"
+DIGESTS_KEY = "digests"  # meta key: {leaf path: digest of its dtype, shape and bytes}
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -68,19 +79,25 @@ class Checkpointer:
         bad = nonfinite_leaves(state)
         if bad:
             raise CheckpointError(f"refusing to save step {step}: non-finite values in {bad[:5]}")
+        meta = dict(meta, **{DIGESTS_KEY: leaf_digests(state)})
         return self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=force)
 
     def restore(self, step: int, abstract_state: Any, expected_meta: dict | None = None
                 ) -> tuple[Any, dict, dict]:
-        """(state, data_state, meta) of `step`, laid out like `abstract_state` (shape/dtype/sharding)."""
+        """(state, data_state, meta) of `step`, laid out like `abstract_state` (shape/dtype/sharding).
+
+        Raises DamagedCheckpointError for missing, truncated or corrupted files (digest mismatch),
+        CheckpointError for a checkpoint of another space or model.
+        """
+        where = f"checkpoint {self.directory}/{step}"
         meta = self.restore_meta(step)
         if expected_meta:
             for key in ("space",):
                 if key in expected_meta and meta.get(key) != expected_meta[key]:
                     raise CheckpointError(
-                        f"checkpoint {self.directory}/{step} was written for another search space "
+                        f"{where} was written for another search space "
                         f"({_space_name(meta.get(key))}) than this run ({_space_name(expected_meta[key])}); "
                         f"use the same config or another --workdir")
         self._check_shapes(step, abstract_state)
@@ -89,9 +106,20 @@ class Checkpointer:
                 state=ocp.args.PyTreeRestore(
                     abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
                 data=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(f"checkpoint {self.directory}/{step} could not be read ({type(e).__name__}: "
-                                  f"{e}); {_DELETE_HINT}") from e
+        except Exception as e:  # orbax/tensorstore raise many types (with pages of text) for damaged files
+            raise DamagedCheckpointError(f"{where} could not be read ({type(e).__name__}: {_first_line(e)}); "
+                                         f"{_DELETE_HINT}") from e
+        stored = meta.get(DIGESTS_KEY)
+        if stored is None:
+            logging.warning("%s has no digests (written before integrity checks): its values are not verified",
+                            where)
+        else:
+            have = leaf_digests(r["state"])
+            bad = sorted(k for k in set(stored) | set(have) if stored.get(k) != have.get(k))
+            if bad:
+                raise DamagedCheckpointError(
+                    f"{where} is corrupted: {len(bad)} array(s) differ from the digests stored when it was saved "
+                    f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); {_DELETE_HINT}")
         return r["state"], r["data"], meta
 
     def restore_meta(self, step: int) -> dict:
@@ -100,15 +128,49 @@ class Checkpointer:
             with open(path) as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged: cannot read "
-                                  f"{path} ({e}); {_DELETE_HINT}") from e
+            raise DamagedCheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged: cannot "
+                                         f"read {path} ({e}); {_DELETE_HINT}") from e
+
+    def restore_newest(self, abstract_state: Any, expected_meta: dict | None = None, *, move_aside: bool = True,
+                       log: Callable[[str], None] = logging.warning) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data_state, meta) of the newest checkpoint that is complete and verifies, or None.
+
+        A damaged checkpoint is reported in one line and skipped; with `move_aside` (training) it is
+        renamed to `<directory>-damaged/<step>` (never deleted), so that the run can save that step again
+        instead of failing on it at every rerun. A checkpoint of another space or model still raises.
+        """
+        found, damaged = None, []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                found = (step, *self.restore(step, abstract_state, expected_meta))
+                break
+            except DamagedCheckpointError as e:
+                damaged.append(step)
+                log(f"skipping a damaged checkpoint: {str(e).replace('; ' + _DELETE_HINT, '')}" +
+                    (f"; moving it to {self._aside_dir(step)}" if move_aside else ""))
+        if move_aside and damaged:
+            _sync_processes("alphanet-checkpoint-move-aside")  # every process has finished reading
+            if jax.process_index() == 0:
+                for step in damaged:
+                    os.makedirs(os.path.dirname(self._aside_dir(step)), exist_ok=True)
+                    os.rename(os.path.join(self.directory, str(step)), self._aside_dir(step))
+            _sync_processes("alphanet-checkpoint-moved-aside")
+            self._mngr.reload()
+        return found
+
+    def _aside_dir(self, step: int) -> str:
+        base = os.path.join(self.directory + "-damaged", str(step))
+        path, n = base, 1
+        while os.path.exists(path):
+            path, n = f"{base}.{n}", n + 1
+        return path
 
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
         try:
             stored = self._mngr.item_metadata(step)["state"]
         except Exception as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged: {e}; "
-                                  f"{_DELETE_HINT}") from e
+            raise DamagedCheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged: "
+                                         f"{_first_line(e)}; {_DELETE_HINT}") from e
         if stored is None:
             return
         # Paths as plain names: the stored metadata holds optimizer namedtuples as dicts.
@@ -156,12 +218,12 @@ def _space_name(space: Any) -> str:
     return repr(space.get("name")) if isinstance(space, dict) else repr(space)
 
 
-def find_latest_valid(ckpt: Checkpointer) -> int | None:
-    """The newest step whose metadata reads back (older ones are tried when the newest is damaged)."""
-    for step in sorted(ckpt.all_steps(), reverse=True):
-        try:
-            ckpt.restore_meta(step)
-            return step
-        except CheckpointError as e:
-            logging.warning("skipping damaged checkpoint: %s", e)
-    return None
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

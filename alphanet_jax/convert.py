@@ -59,6 +59,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from alphanet_jax import errors
+from alphanet_jax.errors import CheckpointError  # a checkpoint file that cannot be read or used
 from alphanet_jax.search_space import SearchSpace, get_space
 
 __all__ = [
@@ -81,10 +83,6 @@ TORCH_INSTALL_HINT = "pip install torch==2.13.0  (the CPU build is enough)"
 NUM_BN_TRACKING = 2
 # Entries of the checkpoint dict that may hold the model weights, in order of preference.
 STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read (missing, truncated, corrupt or of an unknown format)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -172,9 +170,9 @@ def _bn(prefix: str, path: tuple[str, ...], c: int) -> Iterator[TensorSpec | _Bu
 def _entries(space: SearchSpace) -> list[TensorSpec | _Buffer]:
     """Every official state-dict entry in the reference's registration order."""
     if space.head_kind != "v3" or space.shortcut != "always":
-        raise ValueError(f"search space {space.name!r} ({space.head_kind!r} head, shortcut {space.shortcut!r}) "
-                         f"has no AttentiveNAS/AlphaNet PyTorch checkpoint format: the converter covers spaces "
-                         f"with a 'v3' head and 'always' shortcuts")
+        raise errors.ConfigError(f"search space {space.name!r} ({space.head_kind!r} head, shortcut "
+                                 f"{space.shortcut!r}) has no AttentiveNAS/AlphaNet PyTorch checkpoint format: the "
+                                 f"converter covers spaces with a 'v3' head and 'always' shortcuts")
     out: list[TensorSpec | _Buffer] = []
     c0, k0 = max(space.stem_widths), space.stem_kernel
     out.append(TensorSpec("first_conv.conv.conv.weight", "params", ("stem", "kernel"), "conv",
@@ -622,15 +620,15 @@ def _import_torch() -> Any:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"reading PyTorch checkpoints needs PyTorch, an optional dependency of alphanet-jax: "
-                          f"{TORCH_INSTALL_HINT}") from e
+        raise errors.MissingDependencyError(f"reading PyTorch checkpoints needs PyTorch, an optional dependency "
+                                            f"of alphanet-jax: {TORCH_INSTALL_HINT}") from e
     return torch
 
 
 def _sniff(path: str) -> str:
     """'zip' or 'legacy'; raises CheckpointError for missing, empty, truncated or foreign files."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+        raise errors.PathNotFoundError(f"checkpoint file {path!r} does not exist")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint path {path!r} is not a file")
     size = os.path.getsize(path)

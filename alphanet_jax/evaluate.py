@@ -47,6 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from alphanet_jax import mesh as mesh_lib
+from alphanet_jax.errors import ConfigError
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.search_space import SubnetConfig, get_space
 from alphanet_jax.supernet import EncodedSubnet, encode
@@ -178,7 +179,7 @@ class Evaluator:
             acc, changed = self._calib_step(params, stats, acc, changed, g["image"], enc)
             n += 1
         if n == 0:
-            raise ValueError("calibrate_bn got no batches: BN calibration needs at least one batch")
+            raise ConfigError("calibrate_bn got no batches: BN calibration needs at least one batch")
         if num_batches is not None and n < num_batches:
             logging.warning("BN calibration asked for %d batches but the iterator gave only %d", num_batches, n)
         new_stats = self._finish(acc, changed, stats, jnp.float32(n))

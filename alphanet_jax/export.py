@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alphanet_jax import layers
+from alphanet_jax.errors import PathNotFoundError, UserError
 from alphanet_jax.search_space import ActiveBlock, SearchSpace, SubnetConfig, get_space, resolve
 
 Array = jax.Array
@@ -207,12 +208,12 @@ def load_subnet_model(directory: str, dtype: Any = jnp.float32) -> tuple[StaticS
     npz_path = os.path.join(directory, "variables.npz")
     for path in (cfg_path, npz_path):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: {directory!r} is not an exported subnet directory "
+            raise PathNotFoundError(f"{path} is missing: {directory!r} is not an exported subnet directory "
                                     f"(made by `launch.py --mode=export`)")
     with open(cfg_path) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise UserError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     space = get_space(meta["space"])
     subnet = SubnetConfig.from_dict(meta["subnet"], space)
     model = StaticSubnet(space=space, subnet=subnet, dtype=dtype)
@@ -238,5 +239,5 @@ def _check_tree(expected: Any, got: Any, where: str) -> None:
     extra = sorted(set(have) - set(exp))
     bad = sorted(k for k in set(exp) & set(have) if tuple(exp[k]) != tuple(have[k]))
     if missing or extra or bad:
-        raise ValueError(f"{where}: variables do not fit the subnet: missing {missing[:5]}, unexpected "
-                         f"{extra[:5]}, mis-shaped {[(k, have[k], exp[k]) for k in bad[:5]]}")
+        raise UserError(f"{where}: variables do not fit the subnet: missing {missing[:5]}, unexpected "
+                        f"{extra[:5]}, mis-shaped {[(k, have[k], exp[k]) for k in bad[:5]]}")

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from alphanet_jax.errors import ConfigError
+
 DATA = "data"
 
 
@@ -27,10 +29,10 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
     nproc = int(cfg.get("num_processes") or 0)
     if addr:
         if nproc < 1 or cfg.get("process_id") is None or int(cfg["process_id"]) < 0:
-            raise ValueError("distributed.coordinator_address is set, so distributed.num_processes (>=1) and "
-                             "distributed.process_id (0..num_processes-1) must be set too")
+            raise ConfigError("distributed.coordinator_address is set, so distributed.num_processes (>=1) and "
+                              "distributed.process_id (0..num_processes-1) must be set too")
         if not 0 <= int(cfg["process_id"]) < nproc:
-            raise ValueError(f"distributed.process_id {cfg['process_id']} is outside 0..{nproc - 1}")
+            raise ConfigError(f"distributed.process_id {cfg['process_id']} is outside 0..{nproc - 1}")
         jax.distributed.initialize(coordinator_address=addr, num_processes=nproc,
                                    process_id=int(cfg["process_id"]))
     elif cfg.get("auto"):
@@ -45,7 +47,7 @@ def make_mesh(data_parallel: int = -1) -> Mesh:
     n = jax.device_count()
     size = n if data_parallel in (-1, 0, None) else int(data_parallel)
     if size > n or size < 1:
-        raise ValueError(f"mesh.data = {data_parallel} but {n} devices are visible")
+        raise ConfigError(f"mesh.data = {data_parallel} but {n} devices are visible")
     devices = np.asarray(jax.devices()[:size])
     return Mesh(devices, (DATA,), axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -62,8 +64,8 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = "batch_size") ->
     """Per-device batch; a clear error if the batch does not split evenly."""
     n = mesh.devices.size
     if global_batch % n or global_batch % jax.process_count():
-        raise ValueError(f"{what} = {global_batch} is not divisible by the {n} devices of the mesh "
-                         f"({jax.process_count()} processes); use a multiple of {n}")
+        raise ConfigError(f"{what} = {global_batch} is not divisible by the {n} devices of the mesh "
+                          f"({jax.process_count()} processes); use a multiple of {n}")
     return global_batch // n
 
 

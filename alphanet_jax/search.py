@@ -20,7 +20,8 @@ Differences from the reference, all deliberate:
   `random.Random` per generation), so every host computes the same candidates and a
   resumed search replays exactly the same stream.
 * A subnet already evaluated (in this run or a previous one) is not evaluated again;
-  its stored result is reused. The reference re-evaluates duplicates.
+  its stored result is reused, but only when it was made in the same evaluation context
+  (below). The reference re-evaluates duplicates.
 * The reference drops the last `len % world` candidates so that its all-gather has an
   equal count per rank; here nothing is dropped: the results travel as a fixed-size
   numeric array with NaN for the candidates a host did not evaluate.
@@ -31,6 +32,21 @@ Differences from the reference, all deliberate:
 Workdir files: `evaluated.jsonl` (one JSON line per evaluated subnet, flushed and
 fsynced; read back on restart; a truncated last line from a crash is dropped with a
 warning), `pareto.json`, `pareto.csv`, `pareto.png` and `search_config.json`.
+
+Evaluation context: `run_search(context=...)` takes a JSON dict of what produced the
+numbers besides the subnet: the weights (`weights.source` path, `weights.step`,
+`weights.fingerprint`, a content hash from `alphanet_jax.fingerprint`) and the
+calibration/evaluation data settings (see `tasks.search_context`). Every row of
+`evaluated.jsonl` stores its `context_id(context)` (a hash of everything but the weights'
+path: the weights are identified by their content); `search_config.json` keeps the full
+dict of every context seen (`contexts`). On resume only rows of the current context are
+reused; rows made with other weights or settings (or by an older version, without a
+context) are kept in the file but not reused: their candidates are evaluated again, and
+one log line says how many and what differs (e.g. `weights.step 40 -> 20`). Going back to
+earlier weights reuses that context's rows again. `pareto.json` is
+`{"context_id", "context", "front": [rows]}`; `read_front` checks it (a clear
+`SearchResultsError` naming the file when it is malformed) and `check_front_context`
+refuses a front made in another context (the export task picks from the front).
 
 Multi-host: every host runs `run_search` with the same arguments. Candidate i of a
 generation is evaluated by the host with i % process_count == process_index; the
@@ -44,6 +60,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -54,18 +71,27 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from alphanet_jax import errors
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.search_space import (PRESET_TITLES, PRESETS, SearchSpace, SubnetConfig, crossover, get_space,
                                        mutate, sample_subnet_in_range, step_rng)
 
 __all__ = ["SearchConfig", "run_search", "default_config", "canonical_key", "pareto_buckets", "bucket_of",
-           "ResultStore", "write_outputs", "plot_pareto", "non_dominated", "JaxComm", "STREAM"]
+           "ResultStore", "write_outputs", "plot_pareto", "non_dominated", "JaxComm", "STREAM", "SearchResultsError",
+           "context_id", "context_difference", "read_front", "check_front_context"]
 
 STREAM = 9  # step_rng stream of the evolutionary search (distinct from training's sampler)
 RESULTS_FILE = "evaluated.jsonl"
 NUMERIC_FIELDS = ("top1", "top5", "loss", "count", "seconds")
 _CONFIG_KEYS = ("parent_popu_size", "mutate_size", "crossover_size", "mutate_prob", "evo_iter", "flops_min",
                 "flops_max", "flops_step", "seed")
+FRONT_KEYS = ("subnet", "mflops", "top1")  # what a pareto.json row needs (for the export's pick)
+_CONTEXT_INFO_KEYS = ("weights.source",)  # recorded, not part of the context's identity
+
+
+class SearchResultsError(errors.UserError):
+    """A search results file (pareto.json, evaluated.jsonl) that is malformed, or that was made with
+    other weights or settings than the ones at hand."""
 
 
 # ----------------------------------------------------------------------------
@@ -209,19 +235,125 @@ def next_population(parents: Sequence[SubnetConfig], space: SearchSpace, cfg: Se
 
 
 # ----------------------------------------------------------------------------
+# Evaluation context: what produced the numbers besides the subnet
+# ----------------------------------------------------------------------------
+
+
+def _plain(context: Mapping[str, Any] | None) -> dict | None:
+    """The context as JSON reads it back (tuples become lists), so that stored and fresh ones compare."""
+    return None if context is None else json.loads(json.dumps(context))
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def context_id(context: Mapping[str, Any] | None) -> str | None:
+    """A 16-hex-digit hash of the context without `weights.source` (weights count by their content);
+    None for no context."""
+    if context is None:
+        return None
+    ident = {k: v for k, v in _flat(_plain(context)).items() if k not in _CONTEXT_INFO_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return v[:12]  # a sha256 fingerprint
+    return json.dumps(v)
+
+
+def context_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """'key old -> new, ...' over the (dotted) fields that differ, e.g. 'weights.step 40 -> 20'."""
+    a, b = _flat(_plain(old)), _flat(_plain(new))
+    keys = list(b) + [k for k in a if k not in b]
+    diffs = [f"{k} {_show(a[k]) if k in a else '(absent)'} -> {_show(b[k]) if k in b else '(absent)'}"
+             for k in keys if a.get(k, ...) != b.get(k, ...)]
+    return ", ".join(diffs) or "no difference"
+
+
+def read_front(path: str, space: Any = None) -> tuple[list[dict], dict | None]:
+    """(front rows, context) of a `pareto.json`; a `SearchResultsError` naming the file when it is
+    not JSON, not a front, or a row lacks `subnet`/`mflops`/`top1` (or, with `space`, holds a subnet
+    that is not valid in it). A file of an older version (a bare list) has context None."""
+    fix = "rerun the search (--mode=search) to rewrite it"
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SearchResultsError(f"{path} is not a valid JSON file ({e}); {fix}") from None
+    if isinstance(doc, list):
+        front, context = doc, None
+    elif isinstance(doc, dict) and isinstance(doc.get("front"), list):
+        front, context = doc["front"], doc.get("context")
+    else:
+        raise SearchResultsError(f"{path} is not a search front: expected an object with a 'front' list of rows; {fix}")
+    if context is not None and not isinstance(context, dict):
+        raise SearchResultsError(f"{path}: 'context' must be an object, got {type(context).__name__}; {fix}")
+    if not front:
+        raise SearchResultsError(f"{path} holds an empty front; {fix}")
+    space = None if space is None else get_space(space)
+    for i, row in enumerate(front):
+        if not isinstance(row, dict):
+            raise SearchResultsError(f"{path}: front row {i} is a {type(row).__name__}, not an object; {fix}")
+        missing = [k for k in FRONT_KEYS if k not in row]
+        if missing:
+            raise SearchResultsError(f"{path}: front row {i} lacks {missing} (every row needs "
+                                     f"{list(FRONT_KEYS)}); {fix}")
+        for k in ("mflops", "top1"):
+            if isinstance(row[k], bool) or not isinstance(row[k], (int, float)):
+                raise SearchResultsError(f"{path}: front row {i}: {k!r} must be a number, got {row[k]!r}; {fix}")
+        if not isinstance(row["subnet"], dict):
+            raise SearchResultsError(f"{path}: front row {i}: 'subnet' must be an object, got {row['subnet']!r}; {fix}")
+        if space is not None:
+            try:
+                SubnetConfig.from_dict(row["subnet"], space)
+            except (ValueError, TypeError, KeyError) as e:
+                raise SearchResultsError(f"{path}: front row {i}: {e}") from None
+    return front, context
+
+
+def check_front_context(path: str, stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> None:
+    """Refuses (`SearchResultsError`) a front that was not made with the weights and settings of
+    `current`: its picks would not be the best for them."""
+    fix = ("rerun the search with these weights and settings (--mode=search), or name the subnet with "
+           "--config.export.subnet")
+    if stored is None:
+        raise SearchResultsError(f"{path} does not record the weights and settings its front was evaluated with "
+                                 f"(it was written by an older version); {fix}")
+    if context_id(stored) != context_id(current):
+        raise SearchResultsError(f"{path} was evaluated with other weights or settings than these "
+                                 f"({context_difference(stored, current)}); {fix}")
+
+
+# ----------------------------------------------------------------------------
 # The results file
 # ----------------------------------------------------------------------------
 
 
 class ResultStore:
-    """`evaluated.jsonl`: one JSON object per evaluated subnet, keyed by `canonical_key`."""
+    """`evaluated.jsonl`: one JSON object per evaluated subnet, keyed by `canonical_key`.
 
-    def __init__(self, path: str, writable: bool = True, read: bool = True):
+    `context`: the `context_id` of this run; `rows` holds the rows made in it (the first per key),
+    `other` the first row per key made only in other contexts (not reused). Rows added get
+    `context` (when it is not None)."""
+
+    def __init__(self, path: str, writable: bool = True, read: bool = True, context: str | None = None):
         self.path = path
         self.writable = writable
+        self.context = context
         self.rows: dict[str, dict] = {}
+        self.other: dict[str, dict] = {}
         if read:
             self._load()
+            for key in self.rows:
+                self.other.pop(key, None)
 
     def _load(self) -> None:
         if not os.path.exists(self.path):
@@ -248,9 +380,9 @@ class ResultStore:
                                   f"it was being written when the previous run stopped")
                     good_end = start
                     break
-                raise ValueError(f"{self.path}: line {i + 1} is not a valid result record ({e}); "
-                                 f"the file is corrupt") from None
-            self.rows.setdefault(key, row)
+                raise SearchResultsError(f"{self.path}: line {i + 1} is not a valid result record ({e}); "
+                                         f"the file is corrupt") from None
+            (self.rows if row.get("context") == self.context else self.other).setdefault(key, row)
             good_end = min(offset, len(data))
         if self.writable and good_end != len(data):
             # Cut the broken tail, and end the file with a newline before appending to it.
@@ -275,6 +407,8 @@ class ResultStore:
         key = row["key"]
         if key in self.rows:
             return
+        if self.context is not None:
+            row = dict(row, context=self.context)
         self.rows[key] = row
         if not self.writable:
             return
@@ -366,7 +500,8 @@ def _values_of(row: Mapping[str, Any]) -> list[float]:
 
 def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: Any, cfg: Any, workdir: str,
                *, preset_results: Mapping[str, Mapping[str, Any]] | None = None, comm: Any = None,
-               log: Callable[[str], None] | None = None, plot: bool = True) -> list[dict]:
+               log: Callable[[str], None] | None = None, plot: bool = True,
+               context: Mapping[str, Any] | None = None) -> list[dict]:
     """Runs (or resumes) the evolutionary search; returns the front: one row per FLOPs bucket
     (sorted by MFLOPs) with subnet, resolution, mflops, params, top1, top5, loss, count,
     generation (first seen), bucket and non_dominated.
@@ -376,8 +511,12 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
     `cfg`: a `SearchConfig`, dict or ConfigDict with its keys. `comm`: the process
     collectives (default: `JaxComm` when jax runs several processes).
     `preset_results`: {preset name: row with mflops and top1} to mark in the plot.
+    `context`: what `evaluate_fn`'s numbers depend on besides the subnet (JSON; the weights and the
+    calibration/evaluation settings, see the module docstring): stored results are reused only when
+    they were made in the same context. The same on every process.
     """
     space = get_space(space)
+    context = _plain(context)
     cfg = SearchConfig.from_any(cfg)
     log = log or logging.info
     if comm is None:
@@ -387,11 +526,13 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
     pidx, pcount = comm.process_index, comm.process_count
     lead = pidx == 0
     os.makedirs(workdir, exist_ok=True)
-    store = ResultStore(os.path.join(workdir, RESULTS_FILE), writable=lead, read=lead)
+    store = ResultStore(os.path.join(workdir, RESULTS_FILE), writable=lead, read=lead, context=context_id(context))
     if lead:
-        _write_config(workdir, space, cfg, log)
+        contexts = _write_config(workdir, space, cfg, context, log)
         if store.rows:
             log(f"evo search: resuming, {len(store.rows)} evaluated subnets read from {store.path}")
+        if store.other:
+            log(_other_context_message(store, contexts, context))
 
     nf = len(NUMERIC_FIELDS)
     buckets: dict[float, dict] = {}
@@ -446,13 +587,13 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
             f"{len(todo)} evaluated ({time.perf_counter() - t0:.1f}s), {len(ukeys) - len(todo)} known, "
             f"{len(buckets)} buckets, best top-1 {best['top1']:.2f} at {best['mflops']:.1f} MFLOPs")
         if lead:
-            write_outputs(workdir, _front(buckets), None, None, plot=False)
+            write_outputs(workdir, _front(buckets), None, None, plot=False, context=context)
         if gen + 1 < cfg.evo_iter:
             parents = [SubnetConfig.from_dict(buckets[b]["subnet"]) for b in sorted(buckets)]
             population = next_population(parents, space, cfg, gen + 1)
     front = _front(buckets)
     if lead:
-        write_outputs(workdir, front, list(store.rows.values()), preset_results, plot=plot)
+        write_outputs(workdir, front, list(store.rows.values()), preset_results, plot=plot, context=context)
     return front
 
 
@@ -468,19 +609,46 @@ def _front(buckets: Mapping[float, dict]) -> list[dict]:
     return rows
 
 
-def _write_config(workdir: str, space: SearchSpace, cfg: SearchConfig, log) -> None:
+def _other_context_message(store: ResultStore, contexts: Mapping[str, dict], context: dict | None) -> str:
+    counts: dict[str | None, int] = {}
+    for row in store.other.values():
+        counts[row.get("context")] = counts.get(row.get("context"), 0) + 1
+    parts = []
+    for cid, n in counts.items():
+        if cid is None:
+            why = "no record of their weights and settings (written by an older version)"
+        elif cid not in contexts:
+            why = f"context {cid}, whose record is missing from search_config.json"
+        elif context is None:
+            why = "recorded weights and settings, while this search gives none"
+        else:
+            why = context_difference(contexts[cid], context)
+        parts.append(f"{n} with {why}")
+    return (f"evo search: {len(store.other)} stored results in {store.path} were made with other weights or "
+            f"settings and are not reused (candidates are evaluated anew): {'; '.join(parts)}")
+
+
+def _write_config(workdir: str, space: SearchSpace, cfg: SearchConfig, context: dict | None, log) -> dict:
+    """Writes search_config.json; returns every context recorded so far {id: context}, this one included."""
     path = os.path.join(workdir, "search_config.json")
-    meta = {"search": cfg.to_dict(), "space": space.to_dict()}
+    meta: dict[str, Any] = {"search": cfg.to_dict(), "space": space.to_dict()}
+    contexts: dict[str, dict] = {}
     if os.path.exists(path):
         try:
             with open(path) as f:
                 old = json.load(f)
         except ValueError:
             old = None
-        if old is not None and old != meta:
+        if isinstance(old, dict) and isinstance(old.get("contexts"), dict):
+            contexts.update(old["contexts"])
+        if isinstance(old, dict) and {k: old.get(k) for k in meta} != meta:
             warnings.warn(f"{path}: the search config or space differs from the previous run's; the "
-                          f"evaluations stored in {RESULTS_FILE} are reused as they are")
+                          f"evaluations stored in {RESULTS_FILE} for the same weights and settings are reused")
+    if context is not None:
+        contexts[context_id(context)] = context
+    meta.update(context_id=context_id(context), contexts=contexts)
     _atomic_write(path, json.dumps(meta, indent=1))
+    return contexts
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -500,10 +668,12 @@ CSV_FIELDS = ("subnet", "mflops", "params", "top1", "top5")
 
 
 def write_outputs(workdir: str, front: Sequence[Mapping[str, Any]], evaluated: Sequence[Mapping] | None,
-                  preset_results: Mapping[str, Mapping[str, Any]] | None, plot: bool = True) -> None:
-    """pareto.json (the rows), pareto.csv (subnet JSON, mflops, params, top1, top5) and, with
-    `plot`, pareto.png."""
-    _atomic_write(os.path.join(workdir, "pareto.json"), json.dumps(list(front), indent=1))
+                  preset_results: Mapping[str, Mapping[str, Any]] | None, plot: bool = True,
+                  context: Mapping[str, Any] | None = None) -> None:
+    """pareto.json ({context_id, context, front: the rows}), pareto.csv (subnet JSON, mflops, params,
+    top1, top5) and, with `plot`, pareto.png."""
+    doc = {"context_id": context_id(context), "context": _plain(context), "front": list(front)}
+    _atomic_write(os.path.join(workdir, "pareto.json"), json.dumps(doc, indent=1))
     tmp = os.path.join(workdir, "pareto.csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)

@@ -23,6 +23,8 @@ import math
 import random
 from typing import Any, Iterable, Mapping
 
+from alphanet_jax.errors import ConfigError
+
 # ----------------------------------------------------------------------------
 # Canonical space definitions (spec §1.1). Configs in configs/ embed these.
 # ----------------------------------------------------------------------------
@@ -148,9 +150,11 @@ PRESET_TITLES = {"a0": "AlphaNet-A0", "a1": "AlphaNet-A1", "a2": "AlphaNet-A2", 
 
 _FIELDS = ("resolution", "width", "depth", "kernel_size", "expand_ratio")
 _LIST_FIELDS = _FIELDS[1:]
+# Result fields the reference writes beside a subnet's genes; ignored when read back.
+_REFERENCE_RESULT_KEYS = ("net_id", "flops", "params", "acc1", "acc5", "loss")
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(ConfigError):
     """A search space definition or a subnet config does not fit its space."""
 
 
@@ -574,7 +578,8 @@ class SubnetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], space: "SearchSpace | Mapping | str | None" = None
                   ) -> "SubnetConfig":
-        """Reads the reference's dict format; extra keys (flops, acc1, net_id) are ignored.
+        """Reads the reference's dict format; its result keys (net_id, flops, params, acc1, acc5, loss) are
+        ignored, any other unknown key is an error (a misspelt `width_mult` would otherwise be dropped).
 
         With `space`, the result is validated against it and, in a width-tied space, carries its
         `width_mult` (inferred from the widths when the dict has none). There a dict may also give
@@ -583,6 +588,10 @@ class SubnetConfig:
         """
         if not isinstance(d, Mapping):
             raise SearchSpaceError(f"a subnet config must be a dict, got {type(d).__name__}")
+        unknown = sorted(map(str, set(d) - {*_FIELDS, "width_mult", *_REFERENCE_RESULT_KEYS}))
+        if unknown:
+            raise SearchSpaceError(f"unknown subnet keys {unknown}; a subnet has {list(_FIELDS)} and optionally "
+                                   f"'width_mult' (the reference's {list(_REFERENCE_RESULT_KEYS)} are ignored)")
         sp = get_space(space) if space is not None else None
         wm = d.get("width_mult")
         if sp is not None and sp.width_multipliers and wm is not None and any(f not in d for f in _LIST_FIELDS):
@@ -676,9 +685,16 @@ def load_subnet(path: str, space=None) -> SubnetConfig:
     except FileNotFoundError:
         raise SearchSpaceError(f"subnet {path!r} is neither a preset ({sorted(PRESETS)} , min, max) "
                                f"nor an existing JSON file") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise SearchSpaceError(f"subnet {path!r} is a directory: give a preset name or a subnet JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # also a binary file
         raise SearchSpaceError(f"subnet file {path!r} is not valid JSON: {e}") from None
-    return SubnetConfig.from_dict(d, space)
+    if not isinstance(d, dict):
+        raise SearchSpaceError(f"subnet file {path!r} holds a JSON {type(d).__name__}, not a subnet object")
+    try:
+        return SubnetConfig.from_dict(d, space)
+    except SearchSpaceError as e:
+        raise SearchSpaceError(f"subnet file {path!r}: {e}") from None
 
 
 def preset(name: str, space=None) -> SubnetConfig:

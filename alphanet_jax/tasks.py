@@ -11,6 +11,7 @@ workdir, or an official PyTorch `.pth(.tar)` file (through the converter).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -19,14 +20,16 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from alphanet_jax import config_check
 from alphanet_jax import data as data_lib
+from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
 from alphanet_jax import export as export_lib
+from alphanet_jax import fingerprint as fingerprint_lib
 from alphanet_jax import mesh as mesh_lib
 from alphanet_jax import search as search_lib
 from alphanet_jax import train as train_lib
 from alphanet_jax.flops import count_flops, count_params
-from alphanet_jax.train import TrainingError  # noqa: F401  (re-exported for launch.py)
 from alphanet_jax.search_space import PRESET_TITLES, SubnetConfig, as_subnet, get_space
 
 TASKS = ("train", "evaluate", "search", "export")
@@ -41,22 +44,47 @@ def parse_tasks(run: str) -> list[str]:
     tasks = [t.strip() for t in run.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
-        raise ValueError(f"unknown task(s) {bad} in run={run!r}; choose from {list(TASKS)} "
-                         f"(comma-separated, e.g. --mode=evaluate)")
+        raise errors.ConfigError(f"unknown task(s) {bad} in run={run!r}; choose from {list(TASKS)} "
+                                 f"(comma-separated, e.g. --mode=evaluate)")
     return tasks
 
 
 def load_supernet(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> tuple[dict, str]:
     """Supernet variables and a description of where they came from."""
+    variables, weights = load_weights(config, workdir, mesh)
+    return variables, weights["description"]
+
+
+def load_weights(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> tuple[dict, dict]:
+    """Supernet variables and where they came from: {source (absolute path), step (the checkpoint's;
+    None for a PyTorch file), description}."""
     space = get_space(config.space)
     source = config.eval.checkpoint or workdir
+    where = {"source": os.path.abspath(source), "step": None, "description": f"PyTorch checkpoint {source}"}
     if os.path.isfile(source):
         from alphanet_jax import convert
-        return convert.load_pytorch_checkpoint(source, space), f"PyTorch checkpoint {source}"
+        return convert.load_pytorch_checkpoint(source, space), where
     if not os.path.isdir(source):
         raise FileNotFoundError(f"eval.checkpoint {source!r} is neither a workdir nor a .pth file")
     variables, step = train_lib.restore_variables(config, source, mesh)
-    return variables, f"{source}/checkpoints/{step}"
+    return variables, dict(where, step=int(step), description=f"{source}/checkpoints/{step}")
+
+
+def search_context(config: ml_collections.ConfigDict, weights: dict, variables: Any) -> dict:
+    """What the search's numbers depend on besides the subnet (`search.run_search(context=)`): the
+    weights (path, step, content fingerprint) and the settings of BN calibration and evaluation."""
+    e = config.eval
+    data = dataclasses.asdict(data_lib.resolve_config(config.data))
+    for k in ("num_workers", "prefetch_examples"):  # speed only
+        data.pop(k, None)
+    return {"weights": {"source": weights["source"], "step": weights["step"],
+                        "fingerprint": fingerprint_lib.fingerprint(variables)},
+            "data": data,
+            "calibration": {"batches": int(config.search.calib_batches), "batch_size": int(e.calib_batch_size),
+                            "seed": int(e.calib_seed)},
+            "evaluation": {"batch_size": int(e.batch_size)},
+            "model": {"dtype": jax.numpy.dtype(train_lib.compute_dtype(config.model.dtype)).name,
+                      "bn_eps": float(config.model.bn_eps)}}
 
 
 def _factories(config: ml_collections.ConfigDict, calib_batches: int, local: bool) -> tuple[Callable, Callable]:
@@ -86,7 +114,7 @@ def _subnet_list(config: ml_collections.ConfigDict) -> list[tuple[str, SubnetCon
     for name in filter(None, (n.strip() for n in config.eval.subnets.split(","))):
         out.append((PRESET_TITLES.get(name, name), as_subnet(name, space)))
     if not out:
-        raise ValueError("eval.subnets is empty: give preset names (a0..a6, a5_1, min, max) or JSON files")
+        raise errors.ConfigError("eval.subnets is empty: give preset names (a0..a6, a5_1, min, max) or JSON files")
     return out
 
 
@@ -127,8 +155,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     # Each host evaluates its own candidates on its local devices over the whole val split.
     mesh = eval_lib.local_mesh()
     _check_eval_batches(config, mesh)
-    variables, source = load_supernet(config, workdir, mesh_lib.make_mesh(config.mesh.data))
+    variables, weights = load_weights(config, workdir, mesh_lib.make_mesh(config.mesh.data))
     variables = jax.device_get(variables)
+    # Stored results are reused only for the same weights (by content) and calibration/eval settings.
+    context = search_context(config, weights, variables)
     model = train_lib.make_model(config, space, for_training=False)
     calib, evals = _factories(config, s.calib_batches, local=True)
     evaluate_fn = eval_lib.make_evaluate_fn(model, variables, calib, evals, mesh=mesh,
@@ -137,9 +167,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if space.name == "alphanet":
         presets = search_lib.evaluate_presets(evaluate_fn, space)
     cfg = {k: v for k, v in s.to_dict().items() if k != "calib_batches"}
-    _log(f"evolutionary search on {source}: {s.evo_iter} generations, window [{s.flops_min}, {s.flops_max}] MFLOPs")
+    _log(f"evolutionary search on {weights['description']} (weights {context['weights']['fingerprint'][:12]}): "
+         f"{s.evo_iter} generations, window [{s.flops_min}, {s.flops_max}] MFLOPs")
     front = search_lib.run_search(evaluate_fn, space, cfg, os.path.join(workdir, "search"),
-                                  preset_results=presets, log=_log)
+                                  preset_results=presets, log=_log, context=context)
     rows = [dict(r, name=f"pareto {i}") for i, r in enumerate(front)]
     _log(format_table(rows))
     return front
@@ -148,8 +179,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def best_subnet_under(front: list[dict], max_mflops: float) -> dict:
     fits = [r for r in front if r["mflops"] <= max_mflops]
     if not fits:
-        raise ValueError(f"no searched subnet has at most {max_mflops} MFLOPs (smallest: "
-                         f"{min(r['mflops'] for r in front):.2f}); raise export.max_mflops")
+        raise errors.ConfigError(f"no searched subnet has at most {max_mflops} MFLOPs (smallest: "
+                                 f"{min(r['mflops'] for r in front):.2f}); raise export.max_mflops")
     return max(fits, key=lambda r: (r["top1"], -r["mflops"]))
 
 
@@ -157,6 +188,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Calibrates the chosen subnet and writes it as a standalone model directory."""
     space = get_space(config.space)
     e = config.export
+    front = None
     if e.subnet:
         subnet = as_subnet(e.subnet, space)
     elif e.max_mflops > 0:
@@ -164,16 +196,17 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: run the search first (--mode=search) or name a subnet "
                                     f"with --config.export.subnet")
-        with open(path) as f:
-            front = json.load(f)
-        front = front.get("front", front) if isinstance(front, dict) else front
+        front, front_context = search_lib.read_front(path, space)  # a malformed file fails here, naming it
         subnet = SubnetConfig.from_dict(best_subnet_under(front, e.max_mflops)["subnet"], space)
     else:
-        raise ValueError("export needs export.subnet (a preset name or JSON file) or export.max_mflops (the best "
-                         "searched subnet within that budget)")
+        raise errors.ConfigError("export needs export.subnet (a preset name or JSON file) or export.max_mflops "
+                                 "(the best searched subnet within that budget)")
     mesh = mesh_lib.make_mesh(config.mesh.data)
     _check_eval_batches(config, mesh)
-    variables, source = load_supernet(config, workdir, mesh)
+    variables, weights = load_weights(config, workdir, mesh)
+    source = weights["description"]
+    if front is not None:  # the pick is the best for the weights and settings the front was searched with
+        search_lib.check_front_context(path, front_context, search_context(config, weights, variables))
     model = train_lib.make_model(config, space, for_training=False)
     calib, evals = _factories(config, config.eval.calib_batches, local=False)
     calibrated = eval_lib.calibrate_bn(model, variables, subnet, calib(), mesh=mesh,
@@ -191,11 +224,27 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "") -> dict:
-    """Runs the tasks of `mode` (or config.run) in order; returns their results."""
+    """Runs the tasks of `mode` (or config.run) in order; returns their results.
+
+    Bad inputs fail before any work (nothing loaded or compiled): the tasks, the search space, the
+    config values and the workdir (a writable directory). A write that fails because the disk is
+    full becomes a WorkdirError naming the path.
+    """
     tasks = parse_tasks(mode or config.run)
     get_space(config.space)  # a bad space fails before anything else
+    config_check.validate_config(config, tasks)
+    config_check.check_workdir(workdir)
     mesh_lib.initialize_distributed(config.distributed)
-    os.makedirs(workdir, exist_ok=True)
+    try:
+        return _run_tasks(config, workdir, tasks)
+    except Exception as e:
+        message = errors.disk_full_message(e, workdir)
+        if message is None:
+            raise
+        raise errors.WorkdirError(message) from e
+
+
+def _run_tasks(config: ml_collections.ConfigDict, workdir: str, tasks: list[str]) -> dict:
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for task in tasks:

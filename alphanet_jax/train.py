@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from alphanet_jax import checkpoint as ckpt_lib
 from alphanet_jax import data as data_lib
+from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
 from alphanet_jax import layers
 from alphanet_jax import losses
@@ -42,8 +43,7 @@ from alphanet_jax.supernet import EncodedSubnet, Supernet, encode
 Array = jax.Array
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+TrainingError = errors.TrainingError  # training cannot go on (e.g. too many consecutive non-finite steps)
 
 
 # ----------------------------------------------------------------------------
@@ -98,13 +98,14 @@ def compute_dtype(name: str) -> Any:
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     if name in ("float32", "bfloat16"):
         return jnp.dtype(name)
-    raise ValueError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    raise errors.ConfigError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
 
 
 def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_training: bool = True) -> Supernet:
     m = config.model
     if m.depthwise_impl not in layers.DEPTHWISE_IMPLS:
-        raise ValueError(f"model.depthwise_impl must be one of {layers.DEPTHWISE_IMPLS}, got {m.depthwise_impl!r}")
+        raise errors.ConfigError(f"model.depthwise_impl must be one of {layers.DEPTHWISE_IMPLS}, got "
+                                 f"{m.depthwise_impl!r}")
     return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
@@ -121,7 +122,7 @@ def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array
         return lambda z, t, y: losses.soft_cross_entropy(z, t)
     if s.distill == "none":
         return lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, s.label_smoothing)
-    raise ValueError(f"sandwich.distill must be 'alpha', 'kl' or 'none', got {s.distill!r}")
+    raise errors.ConfigError(f"sandwich.distill must be 'alpha', 'kl' or 'none', got {s.distill!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -171,6 +172,7 @@ class SandwichStep:
         self.smoothing = float(s.label_smoothing)
         self.distill = distill_loss_fn(config)
         self.clip = float(config.optim.grad_clip_value)
+        self.max_bad = int(config.max_consecutive_bad_steps)
         donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
         self.teacher_fn = jax.jit(self._teacher)
         self.student_fn = jax.jit(self._student, donate_argnums=(2,) if donate else ())
@@ -227,12 +229,20 @@ class SandwichStep:
         clipped = jnp.sum(jnp.abs(flat) > self.clip, dtype=jnp.int32) / flat.size
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new = dict(state, step=state["step"] + 1, params=keep(params, state["params"]),
-                   opt_state=keep(opt_state, state["opt_state"]),
-                   bad_streak=jnp.where(finite, 0, state["bad_streak"] + 1),
+        # A skipped step keeps params and momentum but advances optax's step counts, so that the
+        # schedule stays lr(state.step) (the lr that is logged), however many steps were skipped.
+        opt_state = jax.tree_util.tree_map_with_path(
+            lambda path, a, b: a if getattr(path[-1], "name", None) == "count" else jnp.where(finite, a, b),
+            opt_state, state["opt_state"])
+        new = dict(state, step=state["step"] + 1,
+                   params=jax.tree.map(lambda a, b: jnp.where(finite, a, b), params, state["params"]),
+                   opt_state=opt_state, bad_streak=jnp.where(finite, 0, state["bad_streak"] + 1),
                    worst_streak=jnp.maximum(state["worst_streak"], jnp.where(finite, 0, state["bad_streak"] + 1)),
                    skipped=state["skipped"] + jnp.where(finite, 0, 1))
+        # After max_consecutive_bad_steps bad steps in a row nothing changes any more (checked here every
+        # step, on the device); the host sees it at the next log or save step and stops the run.
+        halted = state["worst_streak"] >= self.max_bad
+        new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
         return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}
 
     def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array,
@@ -316,18 +326,26 @@ def step_encodings(space: SearchSpace) -> dict[Any, EncodedSubnet]:
 class MetricWriter:
     """TensorBoard event files (process 0 only) plus a JSON-lines copy for scripts."""
 
-    def __init__(self, workdir: str, enabled: bool):
+    def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
+        """`resume_step`: the step the run (re)starts from. Rows of later steps, written before a
+        crash and lost with it, are dropped from metrics.jsonl and purged from TensorBoard, so each
+        step appears once."""
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_rows_after(path, resume_step)
+            tb_dir = os.path.join(workdir, "tensorboard")
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # TensorBoard hides the events of steps >= purge_step from earlier event files.
+                purge = resume_step + 1 if os.path.isdir(tb_dir) and os.listdir(tb_dir) else None
+                self._tb = SummaryWriter(tb_dir, purge_step=purge)
             except ImportError:  # pragma: no cover
                 logging.warning("tensorboardX is not installed: writing metrics.jsonl only")
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -344,6 +362,32 @@ class MetricWriter:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the JSON-lines file `path` without its rows of steps after `step` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash
+            continue
+        if row_step <= step:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    logging.warning("%s: dropping %d rows after step %d (steps lost when the run stopped)", path,
+                    len(lines) - len(keep), step)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fmt_progress(step: int, total: int, s: Mapping[str, float]) -> str:
@@ -386,8 +430,8 @@ def resolve_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
     total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     warm = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * steps_per_epoch
     if total < 1:
-        raise ValueError(f"training would run {total} steps: set num_epochs or total_steps "
-                         f"(steps per epoch = {steps_per_epoch})")
+        raise errors.ConfigError(f"training would run {total} steps: set num_epochs or total_steps "
+                                 f"(steps per epoch = {steps_per_epoch})")
     return int(total), int(warm)
 
 
@@ -403,15 +447,16 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None
     tx = make_optimizer(config, lambda t: 0.0)
     ckdir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckdir):
-        raise FileNotFoundError(f"no checkpoint in {ckdir}: train first (python launch.py --config=... "
-                                f"--workdir={workdir}) or set --config.eval.checkpoint")
+        raise errors.PathNotFoundError(f"no checkpoint in {ckdir}: train first (python launch.py --config=... "
+                                       f"--workdir={workdir}) or set --config.eval.checkpoint")
     ck = ckpt_lib.Checkpointer(ckdir, keep=config.checkpoint.keep)
     try:
-        step = ckpt_lib.find_latest_valid(ck)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first "
-                                    f"(python launch.py --config=... --workdir={workdir})")
-        state, _, _ = ck.restore(step, abstract_state(model, tx, mesh), checkpoint_meta(config, space))
+        # Evaluation only reads: a damaged checkpoint is skipped (one line), not moved.
+        found = ck.restore_newest(abstract_state(model, tx, mesh), checkpoint_meta(config, space), move_aside=False)
+        if found is None:
+            raise errors.PathNotFoundError(f"no usable checkpoint in {workdir}/checkpoints: train first "
+                                           f"(python launch.py --config=... --workdir={workdir})")
+        step, state, _, _ = found
     finally:
         ck.close()
     return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
@@ -426,8 +471,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pi, pc = jax.process_index(), jax.process_count()
     info = data_lib.dataset_info(config.data)
     if info["num_classes"] != space.num_classes:
-        raise ValueError(f"the dataset has {info['num_classes']} classes but the search space "
-                         f"{space.name!r} has num_classes={space.num_classes}; set config.space.num_classes")
+        raise errors.ConfigError(f"the dataset has {info['num_classes']} classes but the search space "
+                                 f"{space.name!r} has num_classes={space.num_classes}; set config.space.num_classes")
     is_main = pi == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
@@ -435,9 +480,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=1))
 
     model = make_model(config, space)
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                               async_save=config.checkpoint.async_save)
-    start = ckpt_lib.find_latest_valid(ck)
     data_state = None
     # Steps per epoch come from the iterator (whole batches per host).
     probe = data_lib.make_train_iterator(config.data, batch_size=host_bs, seed=config.seed, process_index=pi,
@@ -448,8 +490,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = learning_rate_fn(config, total_steps, warmup_steps)
     tx = make_optimizer(config, lr)
     meta = checkpoint_meta(config, space)
-    if start is not None:
-        state, data_state, _ = ck.restore(start, abstract_state(model, tx, mesh), meta)
+    log = print if is_main else (lambda *a, **k: None)
+    # Opened once the schedule and batch size are accepted: a rejected one leaves no Orbax thread behind.
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+    found = ck.restore_newest(abstract_state(model, tx, mesh), meta, log=lambda m: log(m, flush=True))
+    if found is not None:
+        start, state, data_state, _ = found
         logging.info("resumed from %s/checkpoints/%d", workdir, start)
     else:
         state, _ = create_state(model, tx, config.seed, mesh)
@@ -458,12 +505,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       process_count=pc, state=data_state)
     batches = data_lib.prefetch(it, config.data_prefetch) if config.data_prefetch > 0 else it
     step_fn = SandwichStep(model, tx, config, mesh)
-    writer = MetricWriter(workdir, is_main)
+    writer = MetricWriter(workdir, is_main, resume_step=first_step)
     model_eval = make_model(config, space, for_training=False)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    log = print if is_main else (lambda *a, **k: None)
     log(f"training {space.name!r} supernet: {total_steps} steps ({steps_per_epoch}/epoch), global batch "
         f"{config.batch_size} on {mesh.devices.size} devices x {pc} processes, start at step {first_step}")
     base_key = jax.random.PRNGKey(config.seed)
@@ -480,9 +526,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             encs = [encode(s, space) for s in subnets]
             rng = jax.random.fold_in(base_key, step)
             if step == first_step and config.precompile:
+                t_compile = time.perf_counter()
                 secs = step_fn.precompile(state, batch, step_encodings(space), rng)
-                log(f"compiled {len(secs)} programs in parallel, {max(secs.values()):.1f} s "
-                    f"(slowest: {max(secs, key=secs.get)})", flush=True)
+                log(f"compiled {len(secs)} programs in {time.perf_counter() - t_compile:.1f} s "
+                    f"(slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)", flush=True)
             state, metrics = step_fn(state, batch, encs, rng, poison=step in nan_steps)
             n_last += 1
             done = step + 1
@@ -495,12 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(done, m)
                 log(_fmt_progress(done, total_steps, m), flush=True)
                 last_metrics = m
-                streak = int(state["worst_streak"])  # the longest run of bad steps so far
-                if streak >= config.max_consecutive_bad_steps:
-                    raise TrainingError(
-                        f"{streak} consecutive steps had non-finite gradients (checked at step {done}); their "
-                        f"updates were skipped. Lower optim.base_lr or check the data; the last checkpoint "
-                        f"(step {ck.latest_step()}) holds only finite values")
+                _check_bad_streak(config, state, ck)
                 if done >= config.log_every_steps * 3 and compiled_after_warmup is None:
                     compiled_after_warmup = step_fn.num_compiled()
             if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < total_steps \
@@ -511,6 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             interrupted = _any_process(stop["signal"] is not None)
             save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or interrupted
             if save_now:
+                _check_bad_streak(config, state, ck)  # never save a run that has stopped
                 ck.save(done, state, batches.get_state(), meta)
             if interrupted:
                 log(f"SIGTERM: saved step {done}, exiting", flush=True)
@@ -529,6 +572,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["state"] = state
     summary["interrupted"] = interrupted
     return summary
+
+
+def _check_bad_streak(config: ml_collections.ConfigDict, state: dict, ck: ckpt_lib.Checkpointer) -> None:
+    """Raises TrainingError once `max_consecutive_bad_steps` steps in a row were non-finite.
+
+    The update program stops changing the state on the device at that step (no per-step host
+    sync); this reads its flag at log and save steps.
+    """
+    streak = int(state["worst_streak"])  # the longest run of bad steps so far
+    if streak >= config.max_consecutive_bad_steps:
+        raise TrainingError(
+            f"{streak} consecutive steps had non-finite gradients (the run stopped at step {int(state['step'])}); "
+            f"their updates were skipped. Lower optim.base_lr or check the data; the last checkpoint "
+            f"(step {ck.latest_step()}) holds only finite values")
 
 
 def _any_process(flag: bool) -> bool:

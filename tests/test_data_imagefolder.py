@@ -13,6 +13,7 @@ from PIL import Image
 import alphanet_jax.data as D
 from alphanet_jax.data import transforms as T
 from alphanet_jax.data.sources import BadExample, ImageFolderSource, decode_image
+from alphanet_jax.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_all_images_bad_raises(tmp_path):
     for split in ("train", "val"):
         _write(str(tmp_path / split / "a" / "x.jpg"), b"junk")
     it = D.make_train_iterator(cfg_for(str(tmp_path), num_workers=0), batch_size=1, seed=0)
-    with pytest.raises(RuntimeError, match="could be decoded"):
+    with pytest.raises(DataError, match="could be decoded"):
         next(it)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -118,8 +119,61 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     finally:
         ck.close()
 
-    c = train_worker.config(6)
+    # The skipped step still advances the schedule: optax's step count equals state.step, so the
+    # update of step t used lr(t), the value logged for it.
+    counts = [x for p, x in jax.tree_util.tree_flatten_with_path(out["state"]["opt_state"])[0]
+              if getattr(p[-1], "name", None) == "count"]
+    assert counts and [int(x) for x in counts] == [int(out["state"]["step"])] * len(counts) == [4] * len(counts)
+
+    # Three bad steps in a row stop the run on the device at once: with no log or save step in
+    # between, nothing after step 5 is applied, and the host reports it at the final log step.
+    c = train_worker.config(8)
     c.debug_nan_steps = (2, 3, 4)
     c.max_consecutive_bad_steps = 3
-    with pytest.raises(train.TrainingError, match="3 consecutive steps had non-finite gradients"):
+    c.log_every_steps = c.checkpoint.every_steps = 100
+    with pytest.raises(train.TrainingError, match=r"3 consecutive steps had non-finite gradients \(the run "
+                                                  r"stopped at step 5\)"):
         train.train_and_evaluate(c, str(tmp_path / "three"))
+    assert not os.path.exists(tmp_path / "three" / "checkpoints" / "8")
+
+
+def _event_records(directory):
+    """(step, session-log status, scalar tags) of every event in the TensorBoard files of `directory`."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        i = 0
+        while i < len(raw):
+            n = int.from_bytes(raw[i:i + 8], "little")
+            e = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            out.append((path.name, e.step, e.session_log.status, [v.tag for v in e.summary.value]))
+            i += 12 + n + 4
+    return out
+
+
+def test_resume_past_a_damaged_checkpoint_goes_on_and_logs_every_step_once(tmp_path):
+    c = train_worker.config(6)
+    c.checkpoint.every_steps, c.checkpoint.keep = 2, 5
+    work = tmp_path / "w"
+    train.train_and_evaluate(c, str(work))
+    os.remove(work / "checkpoints" / "6" / "meta" / "metadata")  # the issue's repro
+    # The rerun resumes from step 4, saves step 6 again and finishes (it used to stop at every rerun with
+    # "Checkpoint for step 6 already exists"); the damaged step is kept aside.
+    c.total_steps = 8
+    out = train.train_and_evaluate(c, str(work))
+    assert out["steps"] == 8 and not out["interrupted"]
+    assert _checkpoint_steps(work) == [2, 4, 6, 8]
+    assert os.listdir(work / "checkpoints-damaged") == ["6"]
+    # Rows of the lost steps 5 and 6 were dropped on resume: every step appears once.
+    with open(work / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
+    # TensorBoard: the new event file starts by purging steps >= 5 from the earlier one.
+    records = _event_records(work / "tensorboard")
+    files = sorted({r[0] for r in records})
+    assert len(files) == 2
+    second = [r for r in records if r[0] == files[1]]
+    from tensorboardX.proto import event_pb2
+    assert [r[1] for r in second if r[2] == event_pb2.SessionLog.START] == [5], second[:3]
+    assert sorted({r[1] for r in second if r[3]}) == [5, 6, 7, 8]

@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -18,6 +19,9 @@ LO = count_flops(SPACE.min_subnet(), SPACE)
 HI = count_flops(SPACE.max_subnet(), SPACE)
 CFG = dict(parent_popu_size=8, mutate_size=6, crossover_size=6, mutate_prob=0.3, evo_iter=4, flops_min=LO,
            flops_max=LO + 0.5 * (HI - LO), flops_step=0.1, seed=3)
+# An evaluation context as tasks.search_context makes (abridged): the weights and the calibration.
+CTX = {"weights": {"source": "/runs/a", "step": 40, "fingerprint": "a" * 64},
+       "calibration": {"batches": 8, "batch_size": 64, "seed": 5}}
 
 
 def score(s: SubnetConfig) -> float:
@@ -27,9 +31,10 @@ def score(s: SubnetConfig) -> float:
 
 
 class Fake:
-    def __init__(self, fail_after=None):
+    def __init__(self, fail_after=None, shift=0.0):
         self.calls = []
         self.fail_after = fail_after
+        self.shift = shift  # other weights: every top-1 lower by `shift`
         self.lock = threading.Lock()
 
     def __call__(self, s):
@@ -37,7 +42,7 @@ class Fake:
             if self.fail_after is not None and len(self.calls) >= self.fail_after:
                 raise KeyboardInterrupt("simulated crash")
             self.calls.append(S.canonical_key(s))
-        return {"top1": score(s), "top5": min(100.0, score(s) + 20), "loss": 1.0 / score(s), "count": 37}
+        return {"top1": score(s) - self.shift, "top5": min(100.0, score(s) + 20), "loss": 1.0 / score(s), "count": 37}
 
 
 def read_jsonl(path):
@@ -48,7 +53,8 @@ def read_jsonl(path):
 def run(tmp_path, name, fake=None, cfg=CFG, **kw):
     fake = fake or Fake()
     d = str(tmp_path / name)
-    front = S.run_search(fake, SPACE, cfg, d, log=lambda m: None, **kw)
+    kw.setdefault("log", lambda m: None)
+    front = S.run_search(fake, SPACE, cfg, d, **kw)
     return front, fake, d
 
 
@@ -175,7 +181,7 @@ def test_outputs_written_and_consistent(reference):
     for name in ("pareto.json", "pareto.csv", "pareto.png", "evaluated.jsonl", "search_config.json"):
         assert os.path.getsize(os.path.join(d, name)) > 0
     with open(os.path.join(d, "pareto.json")) as f:
-        assert json.load(f) == json.loads(json.dumps(front))
+        assert json.load(f) == {"context_id": None, "context": None, "front": json.loads(json.dumps(front))}
     with open(os.path.join(d, "pareto.csv")) as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["subnet", "mflops", "params", "top1", "top5"]
@@ -227,7 +233,7 @@ class ThreadComm:
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_candidates_spread_over_processes(tmp_path, reference, nproc):
     with pytest.raises(KeyboardInterrupt):  # a restart across processes too
-        run(tmp_path, "p0", Fake(fail_after=9))
+        run(tmp_path, "p0", Fake(fail_after=9), context=CTX)
     shared = {"slots": [None] * nproc, "barrier": threading.Barrier(nproc, timeout=60)}
     fakes = [Fake() for _ in range(nproc)]
     fronts, errors = [None] * nproc, []
@@ -235,7 +241,7 @@ def test_candidates_spread_over_processes(tmp_path, reference, nproc):
     def host(i):
         try:
             fronts[i] = S.run_search(fakes[i], SPACE, CFG, str(tmp_path / f"p{i}"), log=lambda m: None,
-                                     comm=ThreadComm(shared, i, nproc), plot=False)
+                                     comm=ThreadComm(shared, i, nproc), plot=False, context=CTX)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
             shared["barrier"].abort()
@@ -253,6 +259,7 @@ def test_candidates_spread_over_processes(tmp_path, reference, nproc):
     assert all(f.calls for f in fakes)  # every process did some of the work
     rows = read_jsonl(str(tmp_path / "p0" / "evaluated.jsonl"))
     assert sorted(r["key"] for r in rows) == sorted(reference["fake"].calls)
+    assert {r["context"] for r in rows} == {S.context_id(CTX)}
     assert not any(os.path.exists(tmp_path / f"p{i}" / "evaluated.jsonl") for i in range(1, nproc))
 
 
@@ -270,3 +277,178 @@ def test_jax_comm_single_process():
     g = comm.allgather(x)
     assert g.shape == (1, 2, 2) and g[0].tobytes() == x.tobytes()
     assert comm.broadcast(x).tobytes() == x.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation context: results made with other weights or settings are never reused
+# ---------------------------------------------------------------------------------------------
+
+
+def ctx(**changes):
+    """CTX with dotted-key changes ('weights.step')."""
+    c = json.loads(json.dumps(CTX))
+    for key, value in changes.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+def read_pareto(d):
+    with open(os.path.join(d, "pareto.json")) as f:
+        return json.load(f)
+
+
+def test_other_weights_re_evaluate_every_candidate(tmp_path, reference):
+    calls = reference["fake"].calls
+    front_a, fake_a, d = run(tmp_path, "w", context=CTX, plot=False)
+    assert fake_a.calls == calls and strip(front_a) == strip(reference["front"])
+    # A less trained checkpoint elsewhere: other weights, lower accuracies.
+    other = ctx(**{"weights.source": "/runs/b", "weights.step": 20, "weights.fingerprint": "b" * 64})
+    logs = []
+    front_b, fake_b, _ = run(tmp_path, "w", Fake(shift=20.0), context=other, plot=False, log=logs.append)
+    assert fake_b.calls == calls  # every candidate evaluated again, none reused
+    assert [r["top1"] for r in front_b] == [score(SubnetConfig.from_dict(r["subnet"])) - 20.0 for r in front_b]
+    assert max(r["top1"] for r in front_b) == max(r["top1"] for r in front_a) - 20.0
+    said = [m for m in logs if "not reused" in m]
+    assert len(said) == 1, logs
+    assert f"{len(calls)} stored results" in said[0]
+    assert "weights.step 40 -> 20" in said[0] and "weights.fingerprint aaaaaaaaaaaa -> bbbbbbbbbbbb" in said[0]
+    assert all(f"{len(calls)} known" not in m for m in logs if "generation 1/" in m)
+    assert read_pareto(d) == {"context_id": S.context_id(other), "context": other,
+                              "front": json.loads(json.dumps(front_b))}
+    rows = read_jsonl(os.path.join(d, "evaluated.jsonl"))
+    assert [r["context"] for r in rows] == [S.context_id(CTX)] * len(calls) + [S.context_id(other)] * len(calls)
+    with open(os.path.join(d, "search_config.json")) as f:
+        assert json.load(f)["contexts"] == {S.context_id(CTX): CTX, S.context_id(other): other}
+    # Back to the first weights: their results are still there and valid.
+    front_a2, fake_a2, _ = run(tmp_path, "w", context=CTX, plot=False)
+    assert fake_a2.calls == [] and strip(front_a2) == strip(front_a)
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({}, None),
+    ({"weights.source": "/moved/a"}, None),  # the same weights (by content) elsewhere
+    ({"calibration.batches": 4}, "calibration.batches 8 -> 4"),
+    ({"calibration.seed": 6}, "calibration.seed 5 -> 6"),
+])
+def test_reuse_only_with_the_same_weights_and_settings(tmp_path, reference, changes, why):
+    calls = reference["fake"].calls
+    run(tmp_path, "w", context=CTX, plot=False)
+    logs = []
+    front, fake, _ = run(tmp_path, "w", Fake(shift=1.0), context=ctx(**changes), plot=False, log=logs.append)
+    said = [m for m in logs if "not reused" in m]
+    if why is None:
+        assert fake.calls == [] and not said
+        assert strip(front) == strip(reference["front"])
+        assert all(" 0 evaluated" in m for m in logs if "generation" in m)
+    else:
+        assert fake.calls == calls
+        assert len(said) == 1 and why in said[0] and "weights." not in said[0], said
+
+
+def test_results_without_a_context_are_re_evaluated(tmp_path, reference):
+    """evaluated.jsonl of an older version (no context in its rows): unknown weights, not reused."""
+    calls = reference["fake"].calls
+    run(tmp_path, "w", plot=False)
+    logs = []
+    front, fake, _ = run(tmp_path, "w", Fake(shift=1.0), context=CTX, plot=False, log=logs.append)
+    assert fake.calls == calls
+    said = [m for m in logs if "not reused" in m]
+    assert len(said) == 1 and "older version" in said[0]
+
+
+FRONT_ROW = {"subnet": SPACE.min_subnet().to_dict(), "mflops": LO, "params": count_params(SPACE.min_subnet(), SPACE),
+             "top1": 50.0, "top5": 70.0}
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"not json", "not a valid JSON file"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not a valid JSON file"),
+    (json.dumps({"rows": []}).encode(), "not a search front"),
+    (json.dumps({"front": []}).encode(), "empty front"),
+    (json.dumps({"front": [{"subnet": FRONT_ROW["subnet"], "mflops": LO}]}).encode(), r"row 0 lacks \['top1'\]"),
+    (json.dumps([FRONT_ROW, {"mflops": LO, "top1": 1.0}]).encode(), r"row 1 lacks \['subnet'\]"),
+    (json.dumps({"front": [dict(FRONT_ROW, top1="high")]}).encode(), "'top1' must be a number"),
+    (json.dumps({"front": [dict(FRONT_ROW, subnet=dict(FRONT_ROW["subnet"], depth=[1]))]}).encode(),
+     "row 0: subnet field 'depth'"),
+])
+def test_malformed_pareto_json_names_the_file(tmp_path, content, what):
+    path = tmp_path / "pareto.json"
+    path.write_bytes(content)
+    with pytest.raises(S.SearchResultsError, match=f"{re.escape(str(path))}.*{what}"):
+        S.read_front(str(path), SPACE)
+
+
+def test_check_front_context():
+    S.check_front_context("p.json", CTX, ctx(**{"weights.source": "/moved"}))  # same weights: accepted
+    with pytest.raises(S.SearchResultsError, match=r"p\.json .*weights\.fingerprint aaaaaaaaaaaa -> bbbbbbbbbbbb.*"
+                                                   r"rerun the search"):
+        S.check_front_context("p.json", CTX, ctx(**{"weights.fingerprint": "b" * 64}))
+    with pytest.raises(S.SearchResultsError, match=r"p\.json does not record .* older version"):
+        S.check_front_context("p.json", None, CTX)
+
+
+# ---------------------------------------------------------------------------------------------
+# The export task picks from the front only for the weights it was searched with
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def export_setup(tmp_path, monkeypatch):
+    """A workdir whose pareto.json was searched with weights A; `use(variables, step)` sets the weights
+    the export task loads (no checkpoint, no compilation before the context check)."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from alphanet_jax import tasks
+    from configs import quickstart
+
+    config = quickstart.get_config()
+    config.export.max_mflops = HI
+    loaded = {}
+    monkeypatch.setattr(tasks.train_lib, "restore_variables", lambda config, source, mesh=None: loaded["weights"])
+
+    class Calibrating(Exception):
+        pass
+
+    def past_the_check(*a, **k):
+        raise Calibrating
+
+    monkeypatch.setattr(tasks.train_lib, "make_model", past_the_check)  # the step after the check
+    vars_a = {"params": {"w": np.arange(6, dtype=np.float32)}, "batch_stats": {"mean": np.zeros(2, np.float32)}}
+    loaded["weights"] = (vars_a, 40)
+    _, where = tasks.load_weights(config, str(tmp_path))
+    (tmp_path / "search").mkdir()
+    S.write_outputs(str(tmp_path / "search"), [FRONT_ROW], None, None, plot=False,
+                    context=tasks.search_context(config, where, vars_a))
+
+    def export(variables, step, **overrides):
+        loaded["weights"] = (variables, step)
+        for k, v in overrides.items():
+            section, field = k.split(".")
+            config[section][field] = v
+        return tasks.run_export(config, str(tmp_path))
+
+    return dict(export=export, vars_a=vars_a, Calibrating=Calibrating, path=str(tmp_path / "search" / "pareto.json"))
+
+
+def test_export_refuses_a_front_from_other_weights(export_setup):
+    x = export_setup
+    with pytest.raises(x["Calibrating"]):  # the same weights: the pick goes on to calibration
+        x["export"](x["vars_a"], 40)
+    perturbed = {"params": {"w": x["vars_a"]["params"]["w"] + 1e-3}, "batch_stats": x["vars_a"]["batch_stats"]}
+    with pytest.raises(S.SearchResultsError, match=f"{re.escape(x['path'])} was evaluated with other weights.*"
+                                                   r"weights\.step 40 -> 20, weights\.fingerprint .*--mode=search"):
+        x["export"](perturbed, 20)
+    with pytest.raises(S.SearchResultsError, match=r"\(calibration\.batches 8 -> 2\); rerun"):
+        x["export"](x["vars_a"], 40, **{"search.calib_batches": 2})
+
+
+def test_export_names_a_malformed_pareto_json(export_setup):
+    x = export_setup
+    with open(x["path"], "w") as f:
+        json.dump({"front": [{"subnet": FRONT_ROW["subnet"], "top1": 50.0}]}, f)
+    with pytest.raises(S.SearchResultsError, match=f"{re.escape(x['path'])}: front row 0 lacks \\['mflops'\\]"):
+        x["export"](x["vars_a"], 40)

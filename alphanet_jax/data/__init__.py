@@ -110,8 +110,9 @@ def make_calibration_iterator(
 def dataset_info(cfg: Any) -> dict:
     """``num_classes, num_train, num_val, image_size, resize_size, class_names, source``.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` for structural problems (missing root or split
-    folder, a split without images, classes differing between train and val)."""
+    Raises ``PathNotFoundError`` / ``DataError`` (FileNotFoundError / ValueError) for structural
+    problems (missing root or split folder, a split without images, classes differing between train
+    and val)."""
     spec = resolve_config(cfg)
     train, val = validate_structure(spec)
     classes = train.classes

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alphanet_jax.data.transforms import AUGMENTS, DEFAULT_RATIO, DEFAULT_SCALE, INTERPOLATIONS
+from alphanet_jax.errors import ConfigError
 
 __all__ = ["SOURCES", "DataSpec", "default_config", "resolve_config"]
 
@@ -19,7 +20,7 @@ def _default_workers() -> int:
 
 def _defaults(source: str) -> dict[str, Any]:
     if source not in SOURCES:
-        raise ValueError(f"data source must be one of {SOURCES}, got {source!r}")
+        raise ConfigError(f"data source must be one of {SOURCES}, got {source!r}")
     d = dict(
         source=source,
         root="",
@@ -122,24 +123,24 @@ def resolve_config(cfg: Any) -> DataSpec:
     if augment in ("auto_augment_tf", "autoaugment", "auto_augment"):
         augment = "autoaugment_v0"
     if augment not in AUGMENTS:
-        raise ValueError(f"cfg.augment must be one of {AUGMENTS}, got {vals['augment']!r}")
+        raise ConfigError(f"cfg.augment must be one of {AUGMENTS}, got {vals['augment']!r}")
     interpolation = str(vals["interpolation"]).lower()
     if interpolation not in INTERPOLATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"cfg.interpolation must be one of {sorted(INTERPOLATIONS)}, got {vals['interpolation']!r}"
         )
     image_size, resize_size = int(vals["image_size"]), int(vals["resize_size"])
     if image_size <= 0 or resize_size <= 0:
-        raise ValueError(f"image_size and resize_size must be positive, got {image_size}, {resize_size}")
+        raise ConfigError(f"image_size and resize_size must be positive, got {image_size}, {resize_size}")
     scale = tuple(float(x) for x in vals["crop_scale"])
     ratio = tuple(float(x) for x in vals["crop_ratio"])
     if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-        raise ValueError(f"cfg.crop_scale must be (lo, hi) with 0 < lo <= hi, got {vals['crop_scale']!r}")
+        raise ConfigError(f"cfg.crop_scale must be (lo, hi) with 0 < lo <= hi, got {vals['crop_scale']!r}")
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"cfg.crop_ratio must be (lo, hi) with 0 < lo <= hi, got {vals['crop_ratio']!r}")
+        raise ConfigError(f"cfg.crop_ratio must be (lo, hi) with 0 < lo <= hi, got {vals['crop_ratio']!r}")
     num_workers = int(vals["num_workers"])
     if num_workers < 0:
-        raise ValueError(f"cfg.num_workers must be >= 0, got {num_workers}")
+        raise ConfigError(f"cfg.num_workers must be >= 0, got {num_workers}")
     data_dir = vals["tfds_data_dir"]
     return DataSpec(
         source=source,

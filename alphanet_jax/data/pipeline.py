@@ -19,6 +19,7 @@ import numpy as np
 from alphanet_jax.data import sources as sources_lib
 from alphanet_jax.data import transforms as T
 from alphanet_jax.data.config import DataSpec
+from alphanet_jax.errors import ConfigError, DataError
 
 __all__ = [
     "STATE_VERSION",
@@ -42,7 +43,7 @@ _TAG_PY = 0x50593031  # 'PY01': AutoAugment
 def _u64(x: int) -> int:
     x = int(x)
     if x < 0:
-        raise ValueError(f"seeds, epochs and indices must be non-negative, got {x}")
+        raise ConfigError(f"seeds, epochs and indices must be non-negative, got {x}")
     return x
 
 
@@ -72,20 +73,21 @@ def open_source(spec: DataSpec, split: str):
         return sources_lib.DigitsSource(name)
     if spec.source == "imagefolder":
         if not spec.root:
-            raise ValueError(
+            raise ConfigError(
                 "cfg.root is empty: set it to the ImageFolder root that contains train/ and val/ "
                 "(<root>/train/<class>/*.jpg)."
             )
         return sources_lib.ImageFolderSource(spec.root, name)
     if spec.source == "tfds":
         return sources_lib.TfdsSource(spec.tfds_name, name, spec.tfds_data_dir)
-    raise ValueError(f"unknown data source {spec.source!r}")
+    raise ConfigError(f"unknown data source {spec.source!r}")
 
 
 def validate_structure(spec: DataSpec) -> tuple[Any, Any]:
     """Open the train and val splits and check that they agree on the classes.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the path and the fix."""
+    Raises ``PathNotFoundError`` (a FileNotFoundError) / ``DataError`` (a ValueError) naming the
+    path and the fix."""
     train = open_source(spec, "train")
     val = open_source(spec, "val")
     tc, vc = train.classes, val.classes
@@ -104,7 +106,7 @@ def validate_structure(spec: DataSpec) -> tuple[Any, Any]:
             if (only_t or only_v)
             else "same names in a different order"
         )
-        raise ValueError(
+        raise DataError(
             f"The train and val splits have different classes ({where}): {len(tc)} vs {len(vc)} "
             f"classes, {detail}. Class indices come from the sorted folder names, so both splits "
             f"need the same class folders (an empty class folder is not allowed either)."
@@ -118,15 +120,18 @@ def validate_structure(spec: DataSpec) -> tuple[Any, Any]:
 
 def _check_batch_and_host(batch_size: int, process_index: int, process_count: int) -> None:
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
 
 class _Loader:
-    """Loads records from a source, remembering undecodable ones and warning once per record."""
+    """Loads records from a source, remembering undecodable ones and warning once per record.
 
-    def __init__(self, source):
+    ``fate`` completes the warning: what the iterator does with a bad record."""
+
+    def __init__(self, source, fate: str = "it is replaced by the next good example"):
         self.source = source
+        self._fate = fate
         self._bad: set[int] = set()
         self._lock = threading.Lock()
 
@@ -136,10 +141,10 @@ class _Loader:
             self._bad.add(index)
         if new:
             log.warning(
-                "Skipping undecodable image %s (%s); it is replaced by the next good example and "
-                "counted in stats['bad_examples'].",
+                "Skipping undecodable image %s (%s); %s and counted in stats['bad_examples'].",
                 self.source.key(index),
                 err,
+                self._fate,
             )
 
     def try_load(self, index: int):
@@ -160,8 +165,9 @@ class _Loader:
             r = self.try_load((index + k) % n)
             if r is not None:
                 return r[0], r[1], k
-        raise RuntimeError(
-            f"No record of {self.source.key(0)} ... ({n} records) could be decoded as an image."
+        raise DataError(
+            f"No record of {self.source.key(0)} ... ({n} records) could be decoded as an image: the "
+            f"split holds no readable image; check the files (the warnings above name each one)."
         )
 
 
@@ -234,7 +240,7 @@ class TrainIterator:
         self.examples_per_host = self.num_examples // self.process_count
         self.steps_per_epoch = self.examples_per_host // self.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"The training split has {self.num_examples} examples: fewer than one batch of "
                 f"{self.batch_size} per host for {self.process_count} host(s). Use a smaller batch "
                 f"size or more data."
@@ -405,7 +411,7 @@ class EvalIterator:
         self.stop = min(self.num_examples, self.start + self.shard_size)
         self.num_local = self.stop - self.start
         self.num_batches = -(-self.shard_size // self.batch_size)
-        self._loader = _Loader(source)
+        self._loader = _Loader(source, "it is masked out (left out of the evaluation)")
         self._stats = {"bad_examples": 0, "num_examples": 0}
         self._lock = threading.Lock()
         s = spec
@@ -458,7 +464,7 @@ class _Prefetcher:
 
     def __init__(self, iterator, size: int):
         if size < 1:
-            raise ValueError(f"prefetch size must be >= 1, got {size}")
+            raise ConfigError(f"prefetch size must be >= 1, got {size}")
         self._src = iterator
         self._has_state = callable(getattr(iterator, "get_state", None))
         self._q: queue.Queue = queue.Queue(maxsize=size)

@@ -4,7 +4,8 @@ scikit-learn's bundled digits.
 Every source is a random-access sequence: ``len(src)`` and ``src.load(i) -> (PIL RGB image, label)``.
 ``load`` raises :class:`BadExample` when a record cannot be decoded; the pipeline then counts it
 and substitutes the next good record.  Structural problems (missing folders, empty splits,
-train/val class mismatch) raise ``FileNotFoundError`` / ``ValueError`` when the source is built.
+train/val class mismatch) raise ``PathNotFoundError`` (a FileNotFoundError) / ``DataError`` (a
+ValueError) when the source is built.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from alphanet_jax.errors import ConfigError, DataError, PathNotFoundError
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -114,14 +117,14 @@ def scan_image_folder(root: str, split: str) -> tuple[list[str], list[str], np.n
     """
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"ImageFolder root {root!r} does not exist or is not a directory. Set cfg.root to a "
             f"folder laid out as <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg."
         )
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         present = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        raise FileNotFoundError(
+        raise PathNotFoundError(
             f"Split folder {split_dir!r} not found (sub-folders of the root: {present}). "
             f"Create it with one sub-folder per class, or point cfg.train_split / cfg.val_split "
             f"at the right folder name."
@@ -133,7 +136,7 @@ def scan_image_folder(root: str, split: str) -> tuple[list[str], list[str], np.n
         return hit
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not classes:
-        raise ValueError(
+        raise DataError(
             f"Split folder {split_dir!r} contains no class sub-folders, so it has no images. "
             f"Put the images in {split_dir}/<class_name>/ (one folder per class, as for "
             f"torchvision ImageFolder); a flat folder of images is not supported."
@@ -152,14 +155,14 @@ def scan_image_folder(root: str, split: str) -> tuple[list[str], list[str], np.n
         if len(paths) == n0:
             empty.append(cls)
     if not paths:
-        raise ValueError(
+        raise DataError(
             f"Split {split_dir!r} has {len(classes)} class folders but no image files "
             f"(extensions {', '.join(IMG_EXTENSIONS)}). Copy the images into the class folders."
         )
     if empty:
         shown = ", ".join(os.path.join(split_dir, c) for c in empty[:5])
         more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
-        raise ValueError(
+        raise DataError(
             f"{len(empty)} class folder(s) of split {split_dir!r} contain no image files: "
             f"{shown}{more}. Every class needs at least one image (as in torchvision ImageFolder); "
             f"remove the empty folders from every split or add images."
@@ -201,7 +204,7 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, data_dir: str | None = None):
         if not name:
-            raise ValueError("cfg.tfds_name is empty; set it to the TFDS dataset name, e.g. 'imagenet2012'.")
+            raise ConfigError("cfg.tfds_name is empty; set it to the TFDS dataset name, e.g. 'imagenet2012'.")
         import tensorflow_datasets as tfds  # lazy: only this source needs it
 
         self.name, self.split, self.data_dir = name, split, data_dir
@@ -209,7 +212,7 @@ class TfdsSource:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except Exception as e:
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"TFDS dataset {name!r} not found (data_dir={data_dir!r}): {type(e).__name__}: "
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''} "
                 f"Prepare it first with file_format=array_record (see docs_data_readme.md) and "
@@ -217,14 +220,14 @@ class TfdsSource:
             ) from e
         info = builder.info
         if not info.splits:
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r} (no splits on "
                 f"disk). Prepare it first with file_format='array_record' (tfds build {name} "
                 f"--file_format=array_record --data_dir=...; see docs_data_readme.md) and set "
                 f"cfg.tfds_data_dir to the folder that contains {name}/."
             )
         if "image" not in info.features or "label" not in info.features:
-            raise ValueError(
+            raise DataError(
                 f"TFDS dataset {name!r} has features {list(info.features)}; the pipeline needs "
                 f"'image' and 'label'."
             )
@@ -232,7 +235,7 @@ class TfdsSource:
             # Keep the encoded bytes: this module decodes them (bad-data handling, CMYK, ...).
             decoders = {"image": tfds.decode.SkipDecoding()}
         if split not in info.splits:
-            raise ValueError(
+            raise DataError(
                 f"TFDS dataset {name!r} has no split {split!r} (splits: {sorted(info.splits)}). "
                 f"Set cfg.train_split / cfg.val_split (imagenet2012 calls its validation split "
                 f"'validation')."
@@ -242,7 +245,7 @@ class TfdsSource:
                 name, split=split, data_dir=data_dir, download=False, decoders=decoders
             )
         except Exception as e:
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"Could not open TFDS split {name}/{split} under data_dir={data_dir!r} with "
                 f"tfds.data_source: {type(e).__name__}: {e}. The dataset must be prepared on disk "
                 f"with file_format='array_record' (tfds build {name} --file_format=array_record "
@@ -251,7 +254,7 @@ class TfdsSource:
         self.classes_from_labels = False
         n = len(self._ds)
         if n == 0:
-            raise ValueError(f"TFDS split {name}/{split} (data_dir={data_dir!r}) has no examples.")
+            raise DataError(f"TFDS split {name}/{split} (data_dir={data_dir!r}) has no examples.")
         label = info.features["label"]
         names = getattr(label, "names", None)
         num_classes = getattr(label, "num_classes", None)
@@ -323,7 +326,7 @@ class DigitsSource:
         elif split in ("val", "validation", "test"):
             idx = perm[n_train:]
         else:
-            raise ValueError(f"digits has splits 'train' and 'val', got {split!r}")
+            raise ConfigError(f"digits has splits 'train' and 'val', got {split!r}")
         self.split = split
         self.images = images[idx]
         self.labels = labels[idx]

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from alphanet_jax.data.autoaugment import FILL_COLOR, auto_augment_v0
+from alphanet_jax.errors import ConfigError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -51,7 +52,7 @@ def _resample(interpolation) -> Image.Resampling:
         try:
             return INTERPOLATIONS[interpolation.lower()]
         except KeyError:
-            raise ValueError(
+            raise ConfigError(
                 f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}"
             ) from None
     return Image.Resampling(interpolation)
@@ -204,7 +205,7 @@ def train_transform(
     latter).
     """
     if augment not in AUGMENTS:
-        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        raise ConfigError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     img = random_resized_crop(img, image_size, np_rng, scale, ratio, interpolation)
     if augment in ("flip", "autoaugment_v0"):
         if float(np_rng.random()) < 0.5:
