@@ -1,8 +1,19 @@
-"""Test-wide setup: 8 simulated CPU devices, set before jax is imported."""
+"""Test-wide setup: 8 simulated CPU devices, set before jax is imported; one compilation cache."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same small programs (the quickstart supernet's step, in-process and in
+# worker processes): a persistent compilation cache for the session, inherited by subprocesses,
+# compiles each of them once. It only skips repeated compiles; every program still runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="alphanet-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 import jax  # noqa: E402  (after the environment above)
 

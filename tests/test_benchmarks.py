@@ -19,32 +19,6 @@ def _run(args, timeout=240):
     return out.stdout
 
 
-def test_train_step_benchmark_runs_on_cpu():
-    out = _run(["benchmarks/train_step.py", "--space=tiny", "--batch_per_device=4", "--steps=2",
-                "--image_size=16"])
-    for key in ("images/s (median)", "ms/step (median)", "peak device memory", "compile seconds",
-                "compiled programs", "MFU"):
-        assert key in out, out
-    assert "2 x cpu" in out
-    assert "(+0 after warm-up)" in out  # nothing recompiles once every resolution was seen
-
-
-def test_train_step_benchmark_reports_xla_analysis_profile_and_json(tmp_path):
-    """--remat --xla_stats --profile --json: per-program XLA figures, a trace that profile_summary reads."""
-    js, prof = tmp_path / "r.json", tmp_path / "prof"
-    out = _run(["benchmarks/train_step.py", "--space=tiny", "--batch_per_device=4", "--steps=2",
-                "--image_size=16", "--remat", "--xla_stats", f"--profile={prof}", f"--json={js}", "--label=t"])
-    assert "XLA analysis per program" in out and "student @ 24" in out and "update" in out, out
-    r = json.loads(js.read_text())
-    assert r["label"] == "t" and r["remat"] is True and r["devices"] == 2 and r["images_per_s"] > 0
-    programs = [row["program"] for row in r["xla"]]
-    assert programs == ["teacher (max @ 24)", "student @ 16", "student @ 24", "update"], programs
-    teacher = r["xla"][0]
-    assert teacher["gflop"] > 0 and teacher["temp_bytes"] > 0 and teacher["argument_bytes"] > 0
-    summary = _run(["benchmarks/profile_summary.py", str(prof), "--top", "5"])
-    assert "time per kind of work" in summary and "jit__student" in summary, summary
-
-
 def test_train_step_analyze_only_sizes_a_config_without_running_it(tmp_path):
     js = tmp_path / "a.json"
     out = _run(["benchmarks/train_step.py", "--space=tiny", "--batch_per_device=64", "--analyze_only",
@@ -57,18 +31,28 @@ def test_train_step_analyze_only_sizes_a_config_without_running_it(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
-    """benchmarks/gpu_suite.sh is what a GPU session runs in one call: check its plumbing on CPU."""
+    """benchmarks/gpu_suite.sh is what a GPU session runs in one call: check its plumbing on CPU, and with
+    it train_step.py's figures, --remat, --xla_stats, --profile, --json and profile_summary.py."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                JAX_DISABLE_MOST_OPTIMIZATIONS="1", SUITE_SMALL="1", OUT=str(tmp_path), PYTHON=sys.executable)
     out = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "all"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "exit 1" not in out.stdout and "exit 124" not in out.stdout, out.stdout[-5000:]
+    for key in ("images/s (median)", "ms/step (median)", "peak device memory", "compile seconds",
+                "compiled programs", "MFU", "2 x cpu", "XLA analysis per program"):
+        assert key in out.stdout, key
+    assert "(+0 after warm-up)" in out.stdout  # nothing recompiles once every resolution was seen
     for label in ("bf16", "bf16_skip", "bf16_remat", "fp32", "bf16_taps"):
         r = json.loads((tmp_path / f"train_{label}.json").read_text())
         assert r["label"] == label and r["images_per_s"] > 0 and r["recompiled"] == 0 and r["late_compiles"] == 0
+        assert r["devices"] == 2 and r["remat"] is (label == "bf16_remat")
+    programs = json.loads((tmp_path / "train_bf16.json").read_text())["xla"]  # --xla_stats
+    assert [row["program"] for row in programs] == ["teacher (max @ 24)", "student @ 16", "student @ 24", "update"]
+    assert programs[0]["gflop"] > 0 and programs[0]["temp_bytes"] > 0 and programs[0]["argument_bytes"] > 0
     for s in ("min", "max"):
         for mode in ("masked", "static"):
             r = json.loads((tmp_path / f"eval_{s}_{mode}.json").read_text())
             assert r["mode"] == mode and r["eval_ips"] > 0 and r["calib_ips"] > 0
-    assert "time per kind of work" in (tmp_path / "profile_bf16.txt").read_text()
+    summary = (tmp_path / "profile_bf16.txt").read_text()  # --profile, read by profile_summary.py
+    assert "time per kind of work" in summary and "jit__student" in summary, summary[-2000:]
