@@ -11,6 +11,7 @@ Multi-host GPU clusters: add --config.distributed.coordinator_address=HOST:PORT
 SLURM: --config.distributed.auto=True).
 """
 
+import errno
 import logging as py_logging
 import os
 import sys
@@ -42,12 +43,17 @@ def main(argv):
     try:
         tasks.run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.mode)
     except (errors.AlphanetError, OSError) as e:
-        # The package's own errors (bad inputs, stopped runs) and failed file operations (an errno, or a
-        # FileNotFoundError naming its path): one line. Anything else is a bug and keeps its traceback.
-        if verbose or not (isinstance(e, (errors.AlphanetError, FileNotFoundError)) or e.errno is not None):
+        # The package's own errors (bad inputs, stopped runs) and file operations that failed on a user's
+        # path (missing, not permitted, read-only, full): one line. Anything else (a descriptor leak, a
+        # dropped connection, ...) is a bug or an outage and keeps its traceback.
+        if verbose or not (isinstance(e, errors.AlphanetError) or e.errno in _USER_PATH_ERRNOS):
             raise
         _finish_background_threads()
-        _exit_with_error(errors.os_error_message(e, flags.FLAGS.workdir) if isinstance(e, OSError) else str(e))
+        _exit_with_error(errors.os_error_message(e) if isinstance(e, OSError) else str(e))
+
+
+_USER_PATH_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                               errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
 
 
 def _quiet_library_noise() -> None:

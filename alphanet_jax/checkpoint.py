@@ -59,11 +59,13 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 class Checkpointer:
     """Saves/restores {state, data, meta} under `directory` (keeps the newest `keep`)."""
 
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """`read_only` (evaluation, search, export): never writes, and leaves the temporary directories
+        of a save in progress alone (a run training in the same workdir)."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep), read_only=read_only,
+            enable_async_checkpointing=async_save, create=not read_only, cleanup_tmp_directories=not read_only)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": _state_handler(), "data": ocp.JsonCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler()})
@@ -107,6 +109,8 @@ class Checkpointer:
                     abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
                 data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax/tensorstore raise many types (with pages of text) for damaged files
+            if not _is_damage(e):
+                raise  # e.g. out of memory, permission denied: not the checkpoint's fault
             raise DamagedCheckpointError(f"{where} could not be read ({type(e).__name__}: {_first_line(e)}); "
                                          f"{_DELETE_HINT}") from e
         stored = meta.get(DIGESTS_KEY)
@@ -140,22 +144,41 @@ class Checkpointer:
         instead of failing on it at every rerun. A checkpoint of another space or model still raises.
         """
         found, damaged = None, []
-        for step in sorted(self.all_steps(), reverse=True):
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
             try:
-                found = (step, *self.restore(step, abstract_state, expected_meta))
-                break
+                found, reason = (step, *self.restore(step, abstract_state, expected_meta)), None
             except DamagedCheckpointError as e:
-                damaged.append(step)
-                log(f"skipping a damaged checkpoint: {str(e).replace('; ' + _DELETE_HINT, '')}" +
-                    (f"; moving it to {self._aside_dir(step)}" if move_aside else ""))
+                found, reason = None, str(e).replace("; " + _DELETE_HINT, "")
+            # Every process restores the same step: one that any process cannot verify is skipped by all.
+            if not _all_processes(reason is None):
+                reason = reason or f"checkpoint {self.directory}/{step} failed verification on another process"
+            if reason is None:
+                break
+            found = None
+            damaged.append(step)
+            log(f"skipping a damaged checkpoint: {reason}" +
+                (f"; moving it to {self._aside_dir(step)}" if move_aside else ""))
         if move_aside and damaged:
             _sync_processes("alphanet-checkpoint-move-aside")  # every process has finished reading
+            failed = None
             if jax.process_index() == 0:
-                for step in damaged:
-                    os.makedirs(os.path.dirname(self._aside_dir(step)), exist_ok=True)
-                    os.rename(os.path.join(self.directory, str(step)), self._aside_dir(step))
+                try:
+                    for step in damaged:
+                        os.makedirs(os.path.dirname(self._aside_dir(step)), exist_ok=True)
+                        os.rename(os.path.join(self.directory, str(step)), self._aside_dir(step))
+                except OSError as e:
+                    failed = e
             _sync_processes("alphanet-checkpoint-moved-aside")
+            if not _all_processes(failed is None):
+                raise CheckpointError(f"cannot move the damaged checkpoint(s) {damaged} out of {self.directory}"
+                                      f" ({failed or 'failed on process 0'}); move them by hand and rerun")
             self._mngr.reload()
+            if found is None:
+                raise CheckpointError(
+                    f"none of the {len(damaged)} checkpoint(s) in {self.directory} verifies (steps {damaged}, "
+                    f"moved to {self.directory}-damaged/): rerun to train from step 0, or move a step back by "
+                    f"hand if you know it is good")
         return found
 
     def _aside_dir(self, step: int) -> str:
@@ -169,22 +192,29 @@ class Checkpointer:
         try:
             stored = self._mngr.item_metadata(step)["state"]
         except Exception as e:
+            if not _is_damage(e):
+                raise
             raise DamagedCheckpointError(f"checkpoint {self.directory}/{step} is incomplete or damaged: "
                                          f"{_first_line(e)}; {_DELETE_HINT}") from e
         if stored is None:
             return
         # Paths as plain names: the stored metadata holds optimizer namedtuples as dicts.
         name = lambda p: jax.tree_util.keystr(p, simple=True, separator="/")  # noqa: E731
-        want = {name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-        have = {name(p): tuple(getattr(x, "shape", ()) or ()) for p, x in
-                jax.tree_util.tree_flatten_with_path(stored)[0]}
+        # Dtypes too: Orbax would convert on restore, and the digests (of the stored dtype) would not match.
+        want = {name(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
+                jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        have = {name(p): (tuple(getattr(x, "shape", ()) or ()),
+                          np.dtype(getattr(x, "dtype", None) or want.get(name(p), ((), np.float32))[1]))
+                for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
-        bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        if missing or extra or bad:
+        bad = sorted(k for k in set(want) & set(have) if want[k][0] != have[k][0])
+        retyped = sorted(k for k in set(want) & set(have) if want[k][1] != have[k][1])
+        if missing or extra or bad or retyped:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not fit this model: missing {missing[:4]}, "
-                f"unexpected {extra[:4]}, mis-shaped {[(k, have[k], want[k]) for k in bad[:4]]}")
+                f"unexpected {extra[:4]}, mis-shaped {[(k, have[k][0], want[k][0]) for k in bad[:4]]}, "
+                f"other dtype {[(k, have[k][1].name, want[k][1].name) for k in retyped[:4]]}")
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
@@ -216,6 +246,26 @@ def nonfinite_leaves(tree: Any) -> list[str]:
 
 def _space_name(space: Any) -> str:
     return repr(space.get("name")) if isinstance(space, dict) else repr(space)
+
+
+# What TensorStore/Orbax report for missing, truncated or corrupted files (anything else, such as
+# RESOURCE_EXHAUSTED or PERMISSION_DENIED, is not the checkpoint's fault and propagates).
+_DAMAGE_MARKERS = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Error reading", "Error opening", "Error decoding")
+
+
+def _is_damage(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, EOFError)):
+        return True
+    text = str(e)
+    return any(m in text for m in _DAMAGE_MARKERS)
+
+
+def _all_processes(flag: bool) -> bool:
+    """`flag` AND-ed over all processes (every process must call this at the same point)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Any, Callable, Iterable
 
 from alphanet_jax import data as data_lib
@@ -107,11 +108,11 @@ def check_workdir(workdir: str) -> None:
         above = os.path.dirname(above)
     if not os.path.isdir(above):
         raise WorkdirError(f"--workdir {workdir} lies under {above}, which is a file, not a directory")
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
+        # A unique name: hosts of a multi-host run may share the workdir and have the same PID.
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise WorkdirError(f"--workdir {workdir} is not writable ({e.strerror or e}): every task writes its "

@@ -52,18 +52,17 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 def os_error_message(e: OSError, where: str | None = None) -> str:
     """One line for a failed file operation, naming the path (`where` when the error names none)."""
-    if e.errno is None:  # raised with a message of our own
+    if e.errno is None or not (e.filename or where):  # raised with a message of our own, or names no path
         return str(e)
-    path = e.filename or where
-    return f"{e.strerror or e}: {path}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return f"{e.strerror or e}: {e.filename or where}" + (f" -> {e.filename2}" if e.filename2 else "")
 
 
 def disk_full_message(e: BaseException, workdir: str) -> str | None:
     """One line naming `workdir` if `e` (or an error it came from) reports a full disk, else None.
 
     A full disk arrives as an OSError (ENOSPC, EDQUOT) from Python's writes, or as the ValueError
-    that Orbax passes on from TensorStore: 'RESOURCE_EXHAUSTED: ... No space left on device
-    [os_error_code=28]'.
+    that Orbax passes on from TensorStore: "RESOURCE_EXHAUSTED: ... No space left on device
+    [os_error_code='28']".
     """
     seen = set()
     while e is not None and id(e) not in seen:

@@ -86,7 +86,7 @@ NUMERIC_FIELDS = ("top1", "top5", "loss", "count", "seconds")
 _CONFIG_KEYS = ("parent_popu_size", "mutate_size", "crossover_size", "mutate_prob", "evo_iter", "flops_min",
                 "flops_max", "flops_step", "seed")
 FRONT_KEYS = ("subnet", "mflops", "top1")  # what a pareto.json row needs (for the export's pick)
-_CONTEXT_INFO_KEYS = ("weights.source",)  # recorded, not part of the context's identity
+_CONTEXT_INFO_KEYS = ("weights.source", "weights.step")  # recorded, not part of the identity (the fingerprint is)
 
 
 class SearchResultsError(errors.UserError):

@@ -65,7 +65,7 @@ def load_weights(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> 
         from alphanet_jax import convert
         return convert.load_pytorch_checkpoint(source, space), where
     if not os.path.isdir(source):
-        raise FileNotFoundError(f"eval.checkpoint {source!r} is neither a workdir nor a .pth file")
+        raise errors.PathNotFoundError(f"eval.checkpoint {source!r} is neither a workdir nor a .pth file")
     variables, step = train_lib.restore_variables(config, source, mesh)
     return variables, dict(where, step=int(step), description=f"{source}/checkpoints/{step}")
 
@@ -194,8 +194,8 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     elif e.max_mflops > 0:
         path = os.path.join(workdir, "search", "pareto.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: run the search first (--mode=search) or name a subnet "
-                                    f"with --config.export.subnet")
+            raise errors.PathNotFoundError(f"{path} is missing: run the search first (--mode=search) or name a "
+                                           f"subnet with --config.export.subnet")
         front, front_context = search_lib.read_front(path, space)  # a malformed file fails here, naming it
         subnet = SubnetConfig.from_dict(best_subnet_under(front, e.max_mflops)["subnet"], space)
     else:

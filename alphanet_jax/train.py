@@ -365,23 +365,25 @@ class MetricWriter:
 
 
 def _drop_rows_after(path: str, step: int) -> None:
-    """Rewrites the JSON-lines file `path` without its rows of steps after `step` (atomically)."""
+    """Rewrites the JSON-lines file `path` without its rows of steps after `step` (atomically); the
+    dropped lines are appended to `path`.dropped, never lost."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         lines = f.read().splitlines()
-    keep = []
+    keep, dropped = [], []
     for line in lines:
         try:
             row_step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):  # a line cut by a crash
-            continue
-        if row_step <= step:
-            keep.append(line)
-    if len(keep) == len(lines):
+            row_step = None
+        (keep if row_step is not None and row_step <= step else dropped).append(line)
+    if not dropped:
         return
-    logging.warning("%s: dropping %d rows after step %d (steps lost when the run stopped)", path,
-                    len(lines) - len(keep), step)
+    logging.warning("%s: dropping %d rows after step %d (steps lost when the run stopped; kept in %s.dropped)",
+                    path, len(dropped), step, path)
+    with open(path + ".dropped", "a") as f:
+        f.write("".join(line + "\n" for line in dropped))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("".join(line + "\n" for line in keep))
@@ -449,7 +451,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None
     if not os.path.isdir(ckdir):
         raise errors.PathNotFoundError(f"no checkpoint in {ckdir}: train first (python launch.py --config=... "
                                        f"--workdir={workdir}) or set --config.eval.checkpoint")
-    ck = ckpt_lib.Checkpointer(ckdir, keep=config.checkpoint.keep)
+    ck = ckpt_lib.Checkpointer(ckdir, keep=config.checkpoint.keep, read_only=True)
     try:
         # Evaluation only reads: a damaged checkpoint is skipped (one line), not moved.
         found = ck.restore_newest(abstract_state(model, tx, mesh), checkpoint_meta(config, space), move_aside=False)

@@ -41,8 +41,8 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.sandwich = ml_collections.ConfigDict(dict(
         num_arch_training=4, distill="alpha", alpha_min=-1.0, alpha_max=1.0, iw_clip=5.0,
         label_smoothing=0.1, dropout=0.2, drop_connect=0.2, drop_connect_only_last_two_stages=True))
-    # skip_inactive_blocks: lax.cond skips depth-inactive blocks (saves work on accelerators; on CPU the
-    # cond's backward pass measured ~3x slower than computing the block and selecting).
+    # skip_inactive_blocks: lax.cond skips depth-inactive blocks (saves work on accelerators; on CPU, with
+    # the taps depthwise and scanned blocks, the step measured 7 % slower with it, benchmarks/RESULTS.md).
     # remat: recompute block activations in the backward pass (jax.checkpoint per block): less device
     # memory for about one extra forward per subnet; for large per-device batches.
     # depthwise_impl: 'auto' ('taps' on CPU, 'xla' elsewhere), 'xla' (grouped convolution), 'shift' or

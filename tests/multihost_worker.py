@@ -94,6 +94,7 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
 
     it = iterators[-1]  # the iterator that fed training (the first one only probed steps per epoch)
     space = get_space(c.space)
+    fallback = _restore_with_step_3_corrupted_on_the_last_process(c, space, workdir, pid, nproc)
     report = {
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
@@ -104,10 +105,40 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
                      "examples": it.epoch_indices(0)[:out["steps"] * it.batch_size].tolist()},
         "subnet_sequence": [[s.to_dict() for s in real_subnets(space, c.seed, step, 4)] for step in range(8)],
         "metrics": {k: v for k, v in out.items() if isinstance(v, (int, float))},
+        "fallback": fallback,
     }
     with open(os.path.join(outdir, f"proc{pid}.json"), "w") as f:
         json.dump(report, f)
     jax.distributed.shutdown()
+
+
+def _restore_with_step_3_corrupted_on_the_last_process(c, space, workdir, pid, nproc) -> dict:
+    """Step 3 fails verification on the last process only (its digests read differently there): every
+    process must skip it and restore step 2, and it is moved aside once."""
+    from alphanet_jax import checkpoint as ckpt_lib
+
+    mesh = mesh_lib.make_mesh(c.mesh.data)
+    model, tx = train.make_model(c, space), train.make_optimizer(c, lambda t: 0.0)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.checkpoint.keep, async_save=False)
+    lines = []
+    if pid == nproc - 1:
+        real_restore, real_digests = ck.restore, ckpt_lib.leaf_digests
+
+        def restore(step, *args, **kwargs):
+            if step == 3:  # what this process reads back differs from what was saved
+                ckpt_lib.leaf_digests = lambda tree: {k: "0" * 32 for k in real_digests(tree)}
+            try:
+                return real_restore(step, *args, **kwargs)
+            finally:
+                ckpt_lib.leaf_digests = real_digests
+
+        ck.restore = restore
+    try:
+        step, *_ = ck.restore_newest(train.abstract_state(model, tx, mesh), train.checkpoint_meta(c, space),
+                                     log=lines.append)
+    finally:
+        ck.close()
+    return {"step": step, "lines": lines}
 
 
 if __name__ == "__main__":

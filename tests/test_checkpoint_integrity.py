@@ -135,19 +135,43 @@ def test_damaged_newest_checkpoint_is_named_moved_aside_and_the_previous_used(tm
     assert step == 2 and lines == []
 
 
-def test_every_checkpoint_damaged_means_a_fresh_start_and_each_is_kept(tmp_path):
+def test_every_checkpoint_damaged_stops_once_with_all_kept_aside(tmp_path):
     ck_dir = tmp_path / "ck"
     _save(ck_dir, [1, 2])
     _damage("missing meta", str(ck_dir / "1"))
     _damage("digest mismatch", str(ck_dir / "2"))
-    found, lines, steps = _restore_newest(ck_dir)
-    assert found is None and steps == [] and len(lines) == 2
+    # Training does not start over silently: one error, the damaged steps moved aside ...
+    with pytest.raises(checkpoint.CheckpointError, match=r"none of the 2 checkpoint\(s\) .* verifies"):
+        _restore_newest(ck_dir)
     assert sorted(os.listdir(f"{ck_dir}-damaged")) == ["1", "2"]
+    # ... so that a rerun starts from scratch (and does not fail the same way forever).
+    found, lines, steps = _restore_newest(ck_dir)
+    assert found is None and steps == [] and lines == []
     # A second damaged copy of the same step does not overwrite the first one moved aside.
-    _save(ck_dir, [2])
+    _save(ck_dir, [1, 2])
     _damage("missing meta", str(ck_dir / "2"))
     _restore_newest(ck_dir)
     assert sorted(os.listdir(f"{ck_dir}-damaged")) == ["1", "2", "2.1"]
+
+
+def test_errors_that_are_not_damage_propagate_and_move_nothing(tmp_path, monkeypatch):
+    ck_dir = tmp_path / "ck"
+    _save(ck_dir, [1, 2])
+    ck = checkpoint.Checkpointer(str(ck_dir), keep=10, async_save=False)
+    try:
+        def out_of_memory(*a, **k):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+        monkeypatch.setattr(ck._mngr, "restore", out_of_memory)
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            ck.restore_newest(_abstract(), META)
+        monkeypatch.undo()
+        # Another dtype than stored: the model does not fit (Orbax would convert, and every digest differ).
+        other = dict(_abstract(), step=jax.ShapeDtypeStruct((), jnp.float32))
+        with pytest.raises(checkpoint.CheckpointError, match=r"other dtype \[\('step', 'int32', 'float32'\)\]"):
+            ck.restore_newest(other, META)
+    finally:
+        ck.close()
+    assert os.listdir(tmp_path) == ["ck"] and _restore_newest(ck_dir)[2] == [1, 2]
 
 
 def test_a_checkpoint_of_another_space_is_an_error_not_damage(tmp_path):

@@ -308,7 +308,7 @@ def test_read_only_workdir_refused_before_evaluating(tmp_path, monkeypatch, task
         def refuse(path, *args, **kwargs):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
-        monkeypatch.setattr(config_check, "open", refuse, raising=False)
+        monkeypatch.setattr(config_check.tempfile, "mkstemp", lambda dir, **kw: refuse(dir))
     try:
         with pytest.raises(errors.WorkdirError, match=r"--workdir .*/ro is not writable \(Permission denied\)"):
             tasks.run(_quickstart(), str(ro), "evaluate")

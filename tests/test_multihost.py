@@ -86,9 +86,19 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(two_process_run):
         assert o["steps"] == 3
         assert [t["step"] for t in o["trained"]] == [0, 1, 2]
         assert o["ckpt_step"] == 3
-    # every_steps=2 -> step 2; the agreed SIGTERM stop -> step 3 (both written by both processes).
+    # every_steps=2 -> step 2; the agreed SIGTERM stop -> step 3 (both written by both processes; step 3
+    # was moved aside afterwards, see the next test).
+    assert os.listdir(two_process_run["workdir"] / "checkpoints-damaged") == ["3"]
     steps = sorted(int(d) for d in os.listdir(two_process_run["workdir"] / "checkpoints") if d.isdigit())
-    assert steps == [2, 3]
+    assert steps == [2]
+
+
+def test_a_step_that_fails_verification_on_one_host_is_skipped_by_all(two_process_run):
+    for i, o in enumerate(two_process_run["outs"]):
+        assert o["fallback"]["step"] == 2, o["fallback"]
+        assert len(o["fallback"]["lines"]) == 1 and "checkpoints/3" in o["fallback"]["lines"][0]
+    assert "another process" in two_process_run["outs"][0]["fallback"]["lines"][0]
+    assert "corrupted" in two_process_run["outs"][1]["fallback"]["lines"][0]
 
 
 def test_hosts_end_with_identical_params(two_process_run):

@@ -169,6 +169,8 @@ def test_resume_past_a_damaged_checkpoint_goes_on_and_logs_every_step_once(tmp_p
     # Rows of the lost steps 5 and 6 were dropped on resume: every step appears once.
     with open(work / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, 9))
+    with open(work / "metrics.jsonl.dropped") as f:  # the dropped rows are kept aside
+        assert [json.loads(line)["step"] for line in f] == [5, 6]
     # TensorBoard: the new event file starts by purging steps >= 5 from the earlier one.
     records = _event_records(work / "tensorboard")
     files = sorted({r[0] for r in records})

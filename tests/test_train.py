@@ -661,13 +661,19 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
 
     compiles = []
     listener = lambda event, secs, **kw: compiles.append(event) if event == backend_compile else None  # noqa: E731
+    # A compile served by the persistent compilation cache (conftest) makes no backend-compile event, but
+    # every compile request (cache hit or not) records this one.
+    requests = lambda event, **kw: compiles.append(event) if event == cache_request else None  # noqa: E731
+    cache_request = "/jax/compilation_cache/compile_requests_use_cache"
     monitoring.register_event_duration_secs_listener(listener)
+    monitoring.register_event_listener(requests)
     try:
         for es, key in zip(encs, keys):
             state, metrics = step(state, batch, es, key)
         jax.block_until_ready(state)
     finally:
         monitoring.unregister_event_duration_listener(listener)
+        monitoring.unregister_event_listener(requests)
     assert compiles == []
     assert step.num_compiled() == len(secs)
     assert int(state["step"]) == 6 and np.isfinite(float(metrics["max/loss"]))
