@@ -399,17 +399,22 @@ class SearchSpace:
     def blocks(self) -> tuple[BlockSpec, ...]:
         """Every supernet block at its maximum shape, in execution order."""
         out = []
-        prev_max = max(self.stem_widths)
+        prev_widths = self.stem_widths
         for si, st in enumerate(self.stages):
             for pos in range(st.max_depth):
-                max_in = prev_max if pos == 0 else max(st.widths)
-                max_mid = _round_ratio(max_in, max(st.expand_ratios)) if st.has_expand else max_in
+                in_widths = prev_widths if pos == 0 else st.widths
+                max_in = max(in_widths)
+                # The widest hidden width any subnet gives this block (`expanded_width`, as `resolve`
+                # computes it): the reference's round(max_in x max_t) whenever widths are multiples of 8.
+                mids = [expanded_width(c, t) for c in in_widths for t in st.expand_ratios] if st.has_expand \
+                    else list(in_widths)
+                max_mid = max(mids)
                 out.append(BlockSpec(
                     index=len(out), stage=si, position=pos, stride=st.stride if pos == 0 else 1,
                     max_in=max_in, max_mid=max_mid, max_out=max(st.widths), max_kernel=max(st.kernel_sizes),
-                    se=st.se, max_se=make_divisible(max_mid // self.se_reduction, 8), has_expand=st.has_expand,
-                    act=st.act, shortcut_mode=self.shortcut))
-            prev_max = max(st.widths)
+                    se=st.se, max_se=max(make_divisible(m // self.se_reduction, 8) for m in mids),
+                    has_expand=st.has_expand, act=st.act, shortcut_mode=self.shortcut))
+            prev_widths = st.widths
         return tuple(out)
 
     @property
@@ -793,7 +798,7 @@ def resolve(subnet: SubnetConfig, space=None) -> ResolvedSubnet:
         t = subnet.expand_ratio[si]
         k = subnet.kernel_size[si]
         for pos, gi in enumerate(space.stage_blocks(si)[: subnet.depth[si]]):
-            mid = make_divisible(round(c_in * t), 8) if st.has_expand else c_in
+            mid = expanded_width(c_in, t) if st.has_expand else c_in
             se_mid = make_divisible(mid // space.se_reduction, 8) if st.se else 0
             blocks.append(ActiveBlock(index=gi, stage=si, stride=st.stride if pos == 0 else 1, in_ch=c_in,
                                       mid=mid, out_ch=c_out, kernel=k, se_mid=se_mid, has_expand=st.has_expand,
@@ -938,8 +943,10 @@ def _extreme(space: SearchSpace, pick) -> SubnetConfig:
                         **{f: [pick(c) for c in space.choices(f)] for f in _LIST_FIELDS})
 
 
-def _round_ratio(c: int, t: float) -> int:
-    return int(round(c * t))
+def expanded_width(c_in: int, t: float) -> int:
+    """A block's hidden width for input width `c_in` and expand ratio `t`: make_divisible(round(c_in t), 8)
+    (spec §3.3); the supernet's tensors are sized with it too."""
+    return make_divisible(round(c_in * t), 8)
 
 
 def _ints(xs: Iterable[Any]) -> tuple[int, ...]:

@@ -333,3 +333,22 @@ def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, 
         assert jax.tree.structure((ga, sa)) == jax.tree.structure((gb, sb))
         for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+
+
+def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
+    """Widths [12, 20] into an expand ratio of 5: the hidden width is make_divisible(100, 8) = 104, so the
+    supernet's tensor must be 104 wide (it was round(20 x 5) = 100, silently truncating the active width
+    while FLOPs counted 104); the masked supernet still equals the static subnet."""
+    d = json.loads(json.dumps(ss.TINY_SPACE))
+    d["name"] = "odd_widths"
+    d["stages"][0]["widths"] = [12, 20]
+    d["stages"][1]["expand_ratios"] = [5]
+    space = ss.SearchSpace.from_config(d)
+    block = space.blocks[space.stage_blocks(1)[0]]
+    assert (block.max_in, block.max_mid) == (20, 104)
+    for s in (space.max_subnet(), space.min_subnet()):
+        for b in ss.resolve(s, space).blocks:
+            assert b.mid <= space.blocks[b.index].max_mid and b.se_mid <= space.blocks[b.index].max_se
+    variables = _lively(supernet.init_variables(space, seed=3), space)
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 24, 24, 3))
+    _compare(space, variables, [space.max_subnet(), space.min_subnet()], False, x, rtol=1e-5)
