@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from alphanet_jax import mesh as mesh_lib
 from alphanet_jax.errors import CheckpointError  # the package's type: a checkpoint unusable for this run
 from alphanet_jax.fingerprint import leaf_digests
 
@@ -151,7 +152,7 @@ class Checkpointer:
             except DamagedCheckpointError as e:
                 found, reason = None, str(e).replace("; " + _DELETE_HINT, "")
             # Every process restores the same step: one that any process cannot verify is skipped by all.
-            if not _all_processes(reason is None):
+            if not mesh_lib.all_processes(reason is None):
                 reason = reason or f"checkpoint {self.directory}/{step} failed verification on another process"
             if reason is None:
                 break
@@ -160,7 +161,7 @@ class Checkpointer:
             log(f"skipping a damaged checkpoint: {reason}" +
                 (f"; moving it to {self._aside_dir(step)}" if move_aside else ""))
         if move_aside and damaged:
-            _sync_processes("alphanet-checkpoint-move-aside")  # every process has finished reading
+            mesh_lib.sync_processes("alphanet-checkpoint-move-aside")  # every process has finished reading
             failed = None
             if jax.process_index() == 0:
                 try:
@@ -169,8 +170,8 @@ class Checkpointer:
                         os.rename(os.path.join(self.directory, str(step)), self._aside_dir(step))
                 except OSError as e:
                     failed = e
-            _sync_processes("alphanet-checkpoint-moved-aside")
-            if not _all_processes(failed is None):
+            mesh_lib.sync_processes("alphanet-checkpoint-moved-aside")
+            if not mesh_lib.all_processes(failed is None):
                 raise CheckpointError(f"cannot move the damaged checkpoint(s) {damaged} out of {self.directory}"
                                       f" ({failed or 'failed on process 0'}); move them by hand and rerun")
             self._mngr.reload()
@@ -203,18 +204,18 @@ class Checkpointer:
         # Dtypes too: Orbax would convert on restore, and the digests (of the stored dtype) would not match.
         want = {name(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
                 jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-        have = {name(p): (tuple(getattr(x, "shape", ()) or ()),
-                          np.dtype(getattr(x, "dtype", None) or want.get(name(p), ((), np.float32))[1]))
-                for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        have = {name(p): (tuple(getattr(x, "shape", ()) or ()), getattr(x, "dtype", None)) for p, x in
+                jax.tree_util.tree_flatten_with_path(stored)[0]}  # dtype None: not recorded
         missing = sorted(set(want) - set(have))
         extra = sorted(set(have) - set(want))
         bad = sorted(k for k in set(want) & set(have) if want[k][0] != have[k][0])
-        retyped = sorted(k for k in set(want) & set(have) if want[k][1] != have[k][1])
+        retyped = sorted(k for k in set(want) & set(have)
+                         if have[k][1] is not None and np.dtype(have[k][1]) != want[k][1])
         if missing or extra or bad or retyped:
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not fit this model: missing {missing[:4]}, "
                 f"unexpected {extra[:4]}, mis-shaped {[(k, have[k][0], want[k][0]) for k in bad[:4]]}, "
-                f"other dtype {[(k, have[k][1].name, want[k][1].name) for k in retyped[:4]]}")
+                f"other dtype {[(k, np.dtype(have[k][1]).name, want[k][1].name) for k in retyped[:4]]}")
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
@@ -260,20 +261,7 @@ def _is_damage(e: BaseException) -> bool:
     return any(m in text for m in _DAMAGE_MARKERS)
 
 
-def _all_processes(flag: bool) -> bool:
-    """`flag` AND-ed over all processes (every process must call this at the same point)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.all(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
-
-
 def _first_line(e: BaseException, limit: int = 300) -> str:
     text = (str(e).strip().splitlines() or [""])[0]
     return text if len(text) <= limit else text[:limit] + " ..."
 
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 from alphanet_jax import data as data_lib
 from alphanet_jax import layers
 from alphanet_jax import search as search_lib
+from alphanet_jax import supernet
+from alphanet_jax import train
 from alphanet_jax.errors import ConfigError, WorkdirError
 from alphanet_jax.search_space import get_space
 
@@ -37,10 +39,10 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     *((k, lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)") for k in (
         "sandwich.label_smoothing", "sandwich.dropout", "sandwich.drop_connect")),
     *((k, lambda v: _is_num(v), "a finite number") for k in ("sandwich.alpha_min", "sandwich.alpha_max")),
-    ("model.dtype", lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+    ("model.dtype", lambda v: v in train.DTYPES, f"one of {train.DTYPES}"),
     ("model.depthwise_impl", lambda v: v in layers.DEPTHWISE_IMPLS, f"one of {layers.DEPTHWISE_IMPLS}"),
-    ("sandwich.distill", lambda v: v in ("alpha", "kl", "none"), "'alpha', 'kl' or 'none'"),
-    ("model.scan_blocks", lambda v: isinstance(v, bool) or str(v).lower() in ("auto", "true", "false"),
+    ("sandwich.distill", lambda v: v in train.DISTILL_LOSSES, f"one of {train.DISTILL_LOSSES}"),
+    ("model.scan_blocks", lambda v: isinstance(v, bool) or str(v).lower() in supernet.SCAN_BLOCKS_VALUES,
      "True, False or 'auto'"),
     ("mesh.data", lambda v: _is_int(v) and (v >= 1 or v in (-1, 0)), "-1 (all devices) or a device count >= 1"),
 )

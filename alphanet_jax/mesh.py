@@ -1,4 +1,4 @@
-"""Device mesh, shardings, host-to-device batches and multi-host start-up."""
+"""Device mesh, shardings, host-to-device batches, multi-host start-up and process collectives."""
 
 from __future__ import annotations
 
@@ -93,3 +93,27 @@ def hide_gpus_from_tensorflow() -> None:
             sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
     except Exception:  # pragma: no cover - best effort only
         pass
+
+
+def any_process(flag: bool) -> bool:
+    """`flag` OR-ed over all processes (each process must call this at the same point)."""
+    return bool(np.any(_gather_flags(flag)))
+
+
+def all_processes(flag: bool) -> bool:
+    """`flag` AND-ed over all processes (each process must call this at the same point)."""
+    return bool(np.all(_gather_flags(flag)))
+
+
+def _gather_flags(flag: bool) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray([flag])
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(np.asarray([flag], np.int32))
+
+
+def sync_processes(name: str) -> None:
+    """A barrier over all processes (nothing to do in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

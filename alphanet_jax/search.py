@@ -38,7 +38,7 @@ numbers besides the subnet: the weights (`weights.source` path, `weights.step`,
 `weights.fingerprint`, a content hash from `alphanet_jax.fingerprint`) and the
 calibration/evaluation data settings (see `tasks.search_context`). Every row of
 `evaluated.jsonl` stores its `context_id(context)` (a hash of everything but the weights'
-path: the weights are identified by their content); `search_config.json` keeps the full
+path and step: the weights are identified by their content); `search_config.json` keeps the full
 dict of every context seen (`contexts`). On resume only rows of the current context are
 reused; rows made with other weights or settings (or by an older version, without a
 context) are kept in the file but not reused: their candidates are evaluated again, and
@@ -72,6 +72,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from alphanet_jax import errors
+from alphanet_jax.files import atomic_write
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.search_space import (PRESET_TITLES, PRESETS, SearchSpace, SubnetConfig, crossover, get_space,
                                        mutate, sample_subnet_in_range, step_rng)
@@ -255,8 +256,8 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def context_id(context: Mapping[str, Any] | None) -> str | None:
-    """A 16-hex-digit hash of the context without `weights.source` (weights count by their content);
-    None for no context."""
+    """A 16-hex-digit hash of the context without `weights.source` and `weights.step` (weights count by
+    their content); None for no context."""
     if context is None:
         return None
     ident = {k: v for k, v in _flat(_plain(context)).items() if k not in _CONTEXT_INFO_KEYS}
@@ -647,17 +648,8 @@ def _write_config(workdir: str, space: SearchSpace, cfg: SearchConfig, context: 
     if context is not None:
         contexts[context_id(context)] = context
     meta.update(context_id=context_id(context), contexts=contexts)
-    _atomic_write(path, json.dumps(meta, indent=1))
+    atomic_write(path, json.dumps(meta, indent=1))
     return contexts
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------
@@ -673,7 +665,7 @@ def write_outputs(workdir: str, front: Sequence[Mapping[str, Any]], evaluated: S
     """pareto.json ({context_id, context, front: the rows}), pareto.csv (subnet JSON, mflops, params,
     top1, top5) and, with `plot`, pareto.png."""
     doc = {"context_id": context_id(context), "context": _plain(context), "front": list(front)}
-    _atomic_write(os.path.join(workdir, "pareto.json"), json.dumps(doc, indent=1))
+    atomic_write(os.path.join(workdir, "pareto.json"), json.dumps(doc, indent=1))
     tmp = os.path.join(workdir, "pareto.csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)

@@ -220,6 +220,9 @@ def block_groups(space: SearchSpace) -> list[list[BlockSpec]]:
     return groups
 
 
+SCAN_BLOCKS_VALUES = ("auto", "true", "false")  # model.scan_blocks as a string (or a bool)
+
+
 def resolve_scan_blocks(scan_blocks: bool | str) -> bool:
     """'auto' -> True on CPU (compiles ~2x faster there, benchmarks/RESULTS.md), False elsewhere;
     also True/False or their spelling as a string (a config field holds 'auto', 'true' or 'false')."""
@@ -228,7 +231,7 @@ def resolve_scan_blocks(scan_blocks: bool | str) -> bool:
     value = str(scan_blocks).lower()
     if value == "auto":
         return jax.default_backend() == "cpu"
-    if value in ("true", "false"):
+    if value in SCAN_BLOCKS_VALUES:
         return value == "true"
     raise ValueError(f"scan_blocks must be True, False or 'auto', got {scan_blocks!r}")
 

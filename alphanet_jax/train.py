@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -33,6 +32,7 @@ from alphanet_jax import checkpoint as ckpt_lib
 from alphanet_jax import data as data_lib
 from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
+from alphanet_jax.files import atomic_write
 from alphanet_jax import layers
 from alphanet_jax import losses
 from alphanet_jax import mesh as mesh_lib
@@ -92,13 +92,17 @@ def make_optimizer(config: ml_collections.ConfigDict, lr: Callable) -> optax.Gra
         optax.sgd(lr, momentum=o.momentum, nesterov=o.nesterov))
 
 
+DTYPES = ("auto", "float32", "bfloat16")  # model.dtype
+DISTILL_LOSSES = ("alpha", "kl", "none")  # sandwich.distill
+
+
 def compute_dtype(name: str) -> Any:
     """'float32', 'bfloat16', or 'auto' (bfloat16 on GPU/TPU, float32 on CPU)."""
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     if name in ("float32", "bfloat16"):
         return jnp.dtype(name)
-    raise errors.ConfigError(f"model.dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    raise errors.ConfigError(f"model.dtype must be one of {DTYPES}, got {name!r}")
 
 
 def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_training: bool = True) -> Supernet:
@@ -122,7 +126,7 @@ def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array
         return lambda z, t, y: losses.soft_cross_entropy(z, t)
     if s.distill == "none":
         return lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, s.label_smoothing)
-    raise errors.ConfigError(f"sandwich.distill must be 'alpha', 'kl' or 'none', got {s.distill!r}")
+    raise errors.ConfigError(f"sandwich.distill must be one of {DISTILL_LOSSES}, got {s.distill!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -384,12 +388,7 @@ def _drop_rows_after(path: str, step: int) -> None:
                     path, len(dropped), step, path)
     with open(path + ".dropped", "a") as f:
         f.write("".join(line + "\n" for line in dropped))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _fmt_progress(step: int, total: int, s: Mapping[str, float]) -> str:
@@ -552,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _validate_and_log(config, model_eval, state, mesh, space, writer, done, log)
             # Every process must stop (and save) at the same step: SIGTERM may reach the hosts of a
             # multi-host run at different steps, or only some of them.
-            interrupted = _any_process(stop["signal"] is not None)
+            interrupted = mesh_lib.any_process(stop["signal"] is not None)
             save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or interrupted
             if save_now:
                 _check_bad_streak(config, state, ck)  # never save a run that has stopped
@@ -588,14 +587,6 @@ def _check_bad_streak(config: ml_collections.ConfigDict, state: dict, ck: ckpt_l
             f"{streak} consecutive steps had non-finite gradients (the run stopped at step {int(state['step'])}); "
             f"their updates were skipped. Lower optim.base_lr or check the data; the last checkpoint "
             f"(step {ck.latest_step()}) holds only finite values")
-
-
-def _any_process(flag: bool) -> bool:
-    """`flag` OR-ed over all processes (each process must call this at the same point)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
 def _validate_and_log(config, model_eval, state, mesh, space, writer, step, log) -> dict:
