@@ -65,7 +65,8 @@ def resolve_depthwise_impl(impl: str) -> str:
     return impl
 
 
-def depthwise(x: Array, kernel: Array, stride: int, impl: str = "auto") -> Array:
+def depthwise(x: Array, kernel: Array, stride: int, impl: str = "auto", active_kernel: Any = None,
+              kernel_sizes: tuple[int, ...] = ()) -> Array:
     """Depthwise conv; kernel [k, k, 1, C]; same symmetric padding as `conv2d`.
 
     impl 'xla': XLA's grouped convolution (fast on GPU). 'shift': the sum of k*k shifted, strided
@@ -76,13 +77,25 @@ def depthwise(x: Array, kernel: Array, stride: int, impl: str = "auto") -> Array
     backend runs grouped convolutions slowly and expands their weight gradient densely (~C x the
     FLOPs): one 8x56x56x192 5x5 layer took 1204 ms forward + backward with 'xla', 178 ms with
     'shift' and ~90 ms with 'taps' (benchmarks/RESULTS.md). 'auto': 'taps' on CPU, 'xla' elsewhere.
+
+    Elastic kernels: with 'taps', `active_kernel` (traced) and the candidate sizes `kernel_sizes`
+    (static, odd), only the active centred window's taps run (`lax.switch`, one branch per size)
+    instead of all k*k with zeros outside the window: the same sum in the same order, since the
+    masked taps only add zeros (for finite inputs). Other impls take the masked kernel as it is.
     """
     impl = resolve_depthwise_impl(impl)
     if impl == "xla":
         return conv2d(x, kernel, stride, groups=x.shape[-1])
     if impl == "shift":
         return _depthwise_shift(x, kernel, stride)
-    return _depthwise_taps(x, _like_varying(kernel, x), stride)
+    kernel = _like_varying(kernel, x)
+    sizes = tuple(sorted(set(int(k) for k in kernel_sizes)))
+    if active_kernel is None or len(sizes) < 2:
+        return _depthwise_taps(x, kernel, stride)
+    if any(k % 2 == 0 or k > kernel.shape[0] for k in sizes):
+        raise ValueError(f"kernel sizes {sizes} must be odd and at most the kernel's {kernel.shape[0]}")
+    branch = jnp.sum(jnp.asarray(sizes[:-1]) < jnp.asarray(active_kernel)).astype(jnp.int32)
+    return _depthwise_taps_elastic(x, kernel, branch, stride, sizes)
 
 
 def _like_varying(w: Array, x: Array) -> Array:
@@ -211,6 +224,41 @@ def _depthwise_taps_bwd(stride, res, dy):
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+
+def _centre(kernel: Array, k: int) -> Array:
+    """The centred k x k window of a [K, K, ...] kernel (K, k odd)."""
+    o = (kernel.shape[0] - k) // 2
+    return kernel[o:o + k, o:o + k]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _depthwise_taps_elastic(x: Array, kernel: Array, branch: Array, stride: int, sizes: tuple[int, ...]) -> Array:
+    """`_depthwise_taps` with only the taps of the centred sizes[branch] window (zero outside it)."""
+    return jax.lax.switch(branch, [functools.partial(lambda k, x, w: _depthwise_shift(x, _centre(w, k), stride), k)
+                                   for k in sizes], x, kernel)
+
+
+def _depthwise_taps_elastic_fwd(x, kernel, branch, stride, sizes):
+    return _depthwise_taps_elastic(x, kernel, branch, stride, sizes), (x, kernel, branch)
+
+
+def _depthwise_taps_elastic_bwd(stride, sizes, res, dy):
+    x, kernel, branch = res
+    big = kernel.shape[0]
+    kf = kernel.astype(x.dtype).astype(jnp.float32)[:, :, 0]
+
+    def grads(k, dy):
+        dx = _depthwise_input_grad(dy, _centre(kf, k), stride, x.shape[1], x.shape[2])
+        dk = _depthwise_kernel_grad(x, dy, k, stride).reshape(k, k, -1)
+        o = (big - k) // 2
+        return dx.astype(x.dtype), jnp.pad(dk, ((o, o), (o, o), (0, 0)))  # zero outside the window
+
+    dx, dk = jax.lax.switch(branch, [functools.partial(grads, k) for k in sizes], dy)
+    return dx, dk[:, :, None, :].astype(kernel.dtype), None
+
+
+_depthwise_taps_elastic.defvjp(_depthwise_taps_elastic_fwd, _depthwise_taps_elastic_bwd)
 
 
 def pointwise(x: Array, kernel: Array) -> Array:

@@ -151,12 +151,14 @@ def block_stats(b: BlockSpec) -> dict:
 
 def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: bool, eps: float,
                    axis_name: str | None, dc_rate: Array, dc_static: bool, rng: Array | None,
-                   index: Any = None, depthwise_impl: str = "auto") -> tuple[Array, dict]:
+                   index: Any = None, depthwise_impl: str = "auto", kernel_sizes: tuple[int, ...] = ()
+                   ) -> tuple[Array, dict]:
     """One block at its maximum shape under the subnet's masks `e`.
 
     `dc_rate` is the block's drop-connect rate (the run's rate x its multiplier i / num_blocks),
     applied when `dc_static` and an rng are given; `index` (default b.index, traced inside a scan)
-    folds the block into the rng.
+    folds the block into the rng. `kernel_sizes` (the stage's choices) let the depthwise conv run
+    only the active kernel window's taps (`layers.depthwise`).
     """
     act = layers.activation(b.act)
     in_m = layers.channel_mask(e["in_ch"], b.max_in)
@@ -170,7 +172,8 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
                                                 axis_name=axis_name)
         h = jnp.where(mid_m, act(h), 0)
     kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
-    h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl)
+    h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl, active_kernel=e["kernel"],
+                         kernel_sizes=kernel_sizes)
     h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
                                         axis_name=axis_name)
     h = jnp.where(mid_m, act(h), 0)
@@ -279,7 +282,8 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         def run(x, p, s, e, dc_mult, index):
             y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
                                    dc_rate=dc_rate * dc_mult, dc_static=dc_static, rng=rng, index=index,
-                                   depthwise_impl=depthwise_impl)
+                                   depthwise_impl=depthwise_impl,
+                                   kernel_sizes=space.stages[b.stage].kernel_sizes)
             return y, (ns if collect_stats else None)
 
         if remat:

@@ -5,9 +5,10 @@ label-smoothed CE; its logits, without gradient, teach `num_arch_training - 2`
 uniform random subnets and the min subnet; gradients add up over the subnets,
 are clipped element-wise, and one SGD (Nesterov) update follows.
 
-Compiled programs: one for the max subnet, one per resolution for the students
-(the architecture enters as arrays, so every subnet of a resolution shares it),
-one for the update: at most `len(resolutions) + 2`, whatever the subnets.
+Compiled programs: one per resolution for the subnets' forward + backward (the
+architecture, and whether it is the max subnet, enter as arrays, so every subnet of a
+resolution shares it), one that makes the zero inputs of the max subnet, one for the
+update: at most `len(resolutions) + 2`, whatever the subnets.
 BN statistics are per device (the reference's `sync_bn: False`) by running the
 forward inside `shard_map`; `model.sync_bn=True` averages them over all devices.
 """
@@ -25,6 +26,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -178,49 +180,60 @@ class SandwichStep:
         self.clip = float(config.optim.grad_clip_value)
         self.max_bad = int(config.max_consecutive_bad_steps)
         donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
-        self.teacher_fn = jax.jit(self._teacher)
-        self.student_fn = jax.jit(self._student, donate_argnums=(2,) if donate else ())
+        self.subnet_fn = jax.jit(self._subnet, donate_argnums=(2,) if donate else ())
+        self.zeros_fn = jax.jit(self._zeros,
+                                out_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
         self.update_fn = jax.jit(self._update, donate_argnums=(0, 1) if donate else ())
 
-    # One forward over the local (per-device) batch; the loss is averaged over devices.
-    def _sharded_forward(self, loss_fn: Callable, with_dropout: bool):
+    def _subnet(self, params, batch_stats, grads, images, labels, teacher, enc, rng, is_max):
+        """One subnet's forward + backward on the local batch; its gradient is added to `grads`.
+
+        `is_max` (traced): the max subnet learns from the labels (label-smoothed CE) with dropout
+        and drop-connect; the others from `teacher` (distillation) without. A rate of 0 is
+        exactly the identity (keep probability 1, division by 1), so the max subnet shares the
+        program of its resolution: one program fewer to compile than a separate teacher program.
+        Returns (grads + this subnet's gradient, its logits without gradient, {loss, acc}).
+        """
         model = self.model
 
-        def per_device(params, batch_stats, images, labels, teacher, enc, rng):
-            rngs = {}
-            if with_dropout:
-                rngs = {"dropout": jax.random.fold_in(rng, jax.lax.axis_index(mesh_lib.DATA))}
+        def per_device(params, batch_stats, images, labels, teacher, enc, rng, is_max):
+            rngs = {"dropout": jax.random.fold_in(rng, jax.lax.axis_index(mesh_lib.DATA))}
             logits = model.apply({"params": params, "batch_stats": batch_stats}, images, enc, train=True,
-                                 dropout_rate=self.dropout if with_dropout else 0.0,
-                                 drop_connect_rate=self.drop_connect if with_dropout else 0.0, rngs=rngs)
-            loss = jnp.mean(loss_fn(logits, teacher, labels))
+                                 dropout_rate=jnp.where(is_max, self.dropout, 0.0),
+                                 drop_connect_rate=jnp.where(is_max, self.drop_connect, 0.0), rngs=rngs)
+            per_example = jax.lax.cond(
+                is_max, lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, self.smoothing), self.distill,
+                logits, teacher, labels)
+            loss = jnp.mean(per_example)
             acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
             return jax.lax.pmean(loss, mesh_lib.DATA), jax.lax.pmean(acc, mesh_lib.DATA), logits
 
         d = P(mesh_lib.DATA)
-        return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d, P(), P()),
-                             out_specs=(P(), P(), d))
-
-    def _teacher(self, params, batch_stats, images, labels, enc, rng):
-        fwd = self._sharded_forward(lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, self.smoothing),
-                                    with_dropout=True)
+        fwd = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d, P(), P(), P()),
+                            out_specs=(P(), P(), d))
 
         def loss(p):
-            l, acc, logits = fwd(p, batch_stats, images, labels, jnp.zeros_like(labels), enc, rng)
+            l, acc, logits = fwd(p, batch_stats, images, labels, teacher, enc, rng, is_max)
             return l, (acc, logits)
 
         (l, (acc, logits)), g = jax.value_and_grad(loss, has_aux=True)(params)
-        return g, jax.lax.stop_gradient(logits), {"loss": l, "acc": acc}
+        return jax.tree.map(jnp.add, grads, g), jax.lax.stop_gradient(logits), {"loss": l, "acc": acc}
 
-    def _student(self, params, batch_stats, grads, images, labels, teacher, enc):
-        fwd = self._sharded_forward(self.distill, with_dropout=False)
+    def _zeros(self, params, labels):
+        """The max subnet's inputs in place of earlier results: zero gradients and zero teacher logits."""
+        classes = params["classifier"]["bias"].shape[-1]
+        return jax.tree.map(jnp.zeros_like, params), jnp.zeros(labels.shape + (classes,), jnp.float32)
 
-        def loss(p):
-            l, acc, _ = fwd(p, batch_stats, images, labels, teacher, enc, jnp.zeros((2,), jnp.uint32))
-            return l, acc
+    def max_subnet(self, params, batch_stats, images, labels, enc, rng) -> tuple[Any, Array, dict]:
+        """The max subnet's step: (its gradient, its logits (the students' teacher), {loss, acc})."""
+        grads, no_teacher = self.zeros_fn(params, labels)
+        return self.subnet_fn(params, batch_stats, grads, images, labels, no_teacher, enc, rng, np.bool_(True))
 
-        (l, acc), g = jax.value_and_grad(loss, has_aux=True)(params)
-        return jax.tree.map(jnp.add, grads, g), {"loss": l, "acc": acc}
+    def student(self, params, batch_stats, grads, images, labels, teacher, enc, rng) -> tuple[Any, dict]:
+        """A student's step: (grads + its gradient, {loss, acc}); `rng` is unused (no dropout)."""
+        grads, _, m = self.subnet_fn(params, batch_stats, grads, images, labels, teacher, enc, rng,
+                                     np.bool_(False))
+        return grads, m
 
     def _update(self, state, grads, poison):
         # `poison` (fault injection for tests) turns this step's gradients into NaN.
@@ -253,10 +266,10 @@ class SandwichStep:
                  poison: bool = False) -> tuple[dict, dict]:
         images, labels = batch["image"], batch["label"]
         params, bs = state["params"], state["batch_stats"]
-        grads, teacher, m = self.teacher_fn(params, bs, images, labels, encs[0], rng)
+        grads, teacher, m = self.max_subnet(params, bs, images, labels, encs[0], rng)
         metrics = {"max/loss": m["loss"], "max/acc": m["acc"]}
         for i, enc in enumerate(encs[1:], start=1):
-            grads, m = self.student_fn(params, bs, grads, images, labels, teacher, enc)
+            grads, m = self.student(params, bs, grads, images, labels, teacher, enc, rng)
             role = "min" if i == len(encs) - 1 else f"random{i}"
             metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
         state, m = self.update_fn(state, grads, jnp.asarray(poison))
@@ -264,7 +277,7 @@ class SandwichStep:
         return state, metrics
 
     def num_compiled(self) -> int:
-        return self.teacher_fn._cache_size() + self.student_fn._cache_size() + self.update_fn._cache_size()
+        return self.subnet_fn._cache_size() + self.zeros_fn._cache_size() + self.update_fn._cache_size()
 
     def lowerings(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array
                   ) -> dict[str, Callable[[], Any]]:
@@ -277,15 +290,15 @@ class SandwichStep:
         params, bs = state["params"], state["batch_stats"]
         images, labels = batch["image"], batch["label"]
         rep, shard = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-        g_abs, t_abs, _ = jax.eval_shape(self.teacher_fn, params, bs, images, labels, encs["max"], rng)
+        g_abs, t_abs = jax.eval_shape(self.zeros_fn, params, labels)
         grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), g_abs)
         teacher = jax.ShapeDtypeStruct(t_abs.shape, t_abs.dtype, sharding=shard)
-        out = {f"teacher (max @ {encs['max'].resolution})":
-               lambda: self.teacher_fn.lower(params, bs, images, labels, encs["max"], rng)}
+        out = {"zeros": lambda: self.zeros_fn.lower(params, labels)}
         for r, enc in encs.items():
-            if r != "max":
-                out[f"student @ {r}"] = functools.partial(self.student_fn.lower, params, bs, grads, images, labels,
-                                                          teacher, enc)
+            if r != "max":  # the max subnet runs in the program of its resolution
+                name = f"subnets @ {r}" + (" (and max)" if r == encs["max"].resolution else "")
+                out[name] = functools.partial(self.subnet_fn.lower, params, bs, grads, images, labels, teacher, enc,
+                                              rng, np.bool_(False))
         out["update"] = lambda: self.update_fn.lower(state, grads, jnp.asarray(False))
         return out
 

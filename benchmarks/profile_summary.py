@@ -6,7 +6,7 @@ Reads the newest `perfetto_trace.json.gz` under DIR and prints, for the device t
 (the `/device:...` processes; every process when there are none, as on CPU):
   * busy time per timeline and the fraction of the traced wall time it covers
     (low busy fraction = launch- or host-bound, high = kernel-bound);
-  * time per compiled program (`hlo_module`), e.g. teacher / student / update;
+  * time per compiled program (`hlo_module`), e.g. subnet (one per resolution) / zeros / update;
   * time per kind of work (convolution, matmul, fused elementwise/reduction, copies and
     transposes, collectives), classified from kernel and HLO op names;
   * the top kernels or ops by total time.

@@ -144,15 +144,15 @@ def main() -> None:
 
     max_net = space.max_subnet()
     encs_by_res = train.step_encodings(space)
-    # What the programs must compute, per device, forward + backward (MACs x 2 x 3): the max subnet for
-    # the teacher; for a student at r, at most the max subnet at r (what the masked program executes).
+    # What the programs must compute, per device, forward + backward (MACs x 2 x 3), for a subnet at r:
+    # at most the max subnet at r (what the masked program executes).
     per_dev = args.batch_per_device
 
     def gflop(subnet) -> str:
         return f"{flops.count_flops(subnet, space) * 6e6 * per_dev / 1e9:.1f}"
 
-    useful = {f"teacher (max @ {max_net.resolution})": gflop(max_net)}
-    useful.update({f"student @ {r}": "<= " + gflop(max_net.replace(resolution=r)) for r in space.resolutions})
+    useful = {f"subnets @ {r}" + (" (and max)" if r == max_net.resolution else ""):
+              "<= " + gflop(max_net.replace(resolution=r)) for r in space.resolutions}
     result = {"label": args.label, "space": space.name, "dtype": dtype, "devices": n_dev,
               "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "jax": jax.__version__, "batch_per_device": args.batch_per_device, "image_size": args.image_size,
@@ -170,7 +170,7 @@ def main() -> None:
         _write_json(args.json, result)
         return
 
-    # Compile every program (max, one student program per resolution, update) in parallel, then
+    # Compile every program (one per resolution, zeros, update), then
     # one warm-up step per resolution.
     t0 = time.perf_counter()
     per_program = step.precompile(state, data, encs_by_res, jax.random.PRNGKey(0),

@@ -48,11 +48,11 @@ def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
         assert r["label"] == label and r["images_per_s"] > 0 and r["recompiled"] == 0 and r["late_compiles"] == 0
         assert r["devices"] == 2 and r["remat"] is (label == "bf16_remat")
     programs = json.loads((tmp_path / "train_bf16.json").read_text())["xla"]  # --xla_stats
-    assert [row["program"] for row in programs] == ["teacher (max @ 24)", "student @ 16", "student @ 24", "update"]
+    assert [row["program"] for row in programs] == ["zeros", "subnets @ 16", "subnets @ 24 (and max)", "update"]
     assert programs[0]["gflop"] > 0 and programs[0]["temp_bytes"] > 0 and programs[0]["argument_bytes"] > 0
     for s in ("min", "max"):
         for mode in ("masked", "static"):
             r = json.loads((tmp_path / f"eval_{s}_{mode}.json").read_text())
             assert r["mode"] == mode and r["eval_ips"] > 0 and r["calib_ips"] > 0
     summary = (tmp_path / "profile_bf16.txt").read_text()  # --profile, read by profile_summary.py
-    assert "time per kind of work" in summary and "jit__student" in summary, summary[-2000:]
+    assert "time per kind of work" in summary and "jit__subnet" in summary, summary[-2000:]

@@ -333,10 +333,10 @@ def test_per_device_bn_really_is_per_device(one_step):
     mesh8 = one_step["8"]["mesh"]
     step = shared_step(model, make_tx(c), c, mesh8)
     host, batch, enc = one_step["host"], one_step["batch"], one_step["encs"][0]
-    g8, _, m8 = step.teacher_fn(*mesh_lib.replicate((host["params"], host["batch_stats"]), mesh8),
+    g8, _, m8 = step.max_subnet(*mesh_lib.replicate((host["params"], host["batch_stats"]), mesh8),
                                 *mesh_lib.to_global(batch, mesh8).values(), enc, one_step["key"])
     step1 = one_step["1"]["step"]
-    g1, _, m1 = step1.teacher_fn(*mesh_lib.replicate((host["params"], host["batch_stats"]), step1.mesh),
+    g1, _, m1 = step1.max_subnet(*mesh_lib.replicate((host["params"], host["batch_stats"]), step1.mesh),
                                  *mesh_lib.to_global(batch, step1.mesh).values(), enc, one_step["key"])
     g8, g1 = flat(g8), flat(g1)
     rel = max(np.abs(g8[k] - g1[k]).max() / (np.abs(g1[k]).max() + 1e-12) for k in g1)
@@ -354,6 +354,28 @@ def test_per_device_bn_really_is_per_device(one_step):
 
     per_chunk = jax.jit(jax.vmap(chunk_loss, in_axes=(None, 0, 0)))(host["params"], images, labels)
     assert float(m8["loss"]) == pytest.approx(float(jnp.mean(per_chunk)), rel=1e-5, abs=LOSS_ABS)
+
+
+def test_dropout_and_drop_connect_apply_to_the_max_subnet_only(one_step):
+    """With dropout and drop-connect 0.5 the max subnet's logits and gradient change, the students'
+    gradients do not: they equal those of the same step without dropout (the students share the max
+    subnet's program, where their rate 0 must be exactly the identity)."""
+    c = one_step["config"].copy_and_resolve_references()
+    c.sandwich.dropout, c.sandwich.drop_connect = 0.5, 0.5
+    plain = one_step["1"]["step"]  # rates 0
+    step = train.SandwichStep(one_step["model"], one_step["tx"], c, plain.mesh)
+    p, b = mesh_lib.replicate((one_step["host"]["params"], one_step["host"]["batch_stats"]), plain.mesh)
+    gb = mesh_lib.to_global(one_step["batch"], plain.mesh)
+    encs, key = one_step["encs"], one_step["key"]
+    g_drop, t_drop, _ = step.max_subnet(p, b, gb["image"], gb["label"], encs[0], key)
+    g_plain, t_plain, _ = plain.max_subnet(p, b, gb["image"], gb["label"], encs[0], key)
+    assert np.abs(np.asarray(t_drop) - np.asarray(t_plain)).max() > 1e-2
+    fd, fp = flat(g_drop), flat(g_plain)
+    assert max(np.abs(fd[k] - fp[k]).max() / (np.abs(fp[k]).max() + 1e-12) for k in fp) > 1e-2
+    for e in encs[1:]:
+        with_rates, _ = step.student(p, b, g_plain, gb["image"], gb["label"], t_plain, e, key)
+        without, _ = plain.student(p, b, g_plain, gb["image"], gb["label"], t_plain, e, key)
+        assert_tree_close(flat(with_rates), flat(without), 1e-5)
 
 
 def test_one_step_equals_hand_computed_gradients_and_sgd(one_step):
@@ -388,10 +410,10 @@ def test_one_step_equals_hand_computed_gradients_and_sgd(one_step):
     mesh = step.mesh
     p, b = mesh_lib.replicate((host["params"], bs), mesh)
     gb = mesh_lib.to_global(batch, mesh)
-    acc, t_logits, _ = step.teacher_fn(p, b, gb["image"], gb["label"], encs[0], one_step["key"])
+    acc, t_logits, _ = step.max_subnet(p, b, gb["image"], gb["label"], encs[0], one_step["key"])
     np.testing.assert_allclose(np.asarray(t_logits), np.asarray(teacher), rtol=1e-5, atol=1e-5)
     for e in encs[1:]:
-        acc, _ = step.student_fn(p, b, acc, gb["image"], gb["label"], t_logits, e)
+        acc, _ = step.student(p, b, acc, gb["image"], gb["label"], t_logits, e, one_step["key"])
     acc, want_g = flat(acc), flat(total)
     assert_tree_close(acc, want_g, 1e-4)
     # Students contribute: the sum is not the max net's gradient alone.
@@ -522,7 +544,7 @@ def test_compiled_programs_are_bounded_and_stable(loop_runs):
     # Every student resolution was drawn in the first step (min at 16, a random subnet at 24) ...
     first = straight[0]
     assert {r for r, _ in first["encs"][1:]} == set(SPACE.resolutions)
-    bound = len(SPACE.resolutions) + 2  # teacher + one student per resolution + update
+    bound = len(SPACE.resolutions) + 2  # one per resolution (the max subnet's included) + zeros + update
     assert first["compiled"] <= bound
     # ... and nothing compiled again: not in later steps, not after the restore.
     assert {r["compiled"] for rs in calls.values() for r in rs} == {first["compiled"]}
@@ -638,8 +660,8 @@ def test_cli_bad_subnet_name_fails_clearly(tmp_path):
 
 
 def test_precompile_builds_every_program_so_steps_compile_nothing():
-    """SandwichStep.precompile compiles the teacher, one student per resolution and the update up
-    front (in parallel threads); the steps after it, over every resolution, trigger no compilation."""
+    """SandwichStep.precompile compiles one subnet program per resolution (the max subnet's included), the
+    zero inputs and the update up front (in parallel threads); the steps after it, over every resolution, trigger no compilation."""
     from jax import monitoring
 
     backend_compile = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
@@ -655,7 +677,7 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
                                 "label": rng.integers(0, 10, BATCH).astype(np.int32)}, mesh)
     keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(6)]
     secs = step.precompile(state, batch, train.step_encodings(SPACE), keys[0])
-    assert set(secs) == {"teacher (max @ 24)", "student @ 16", "student @ 24", "update"}
+    assert set(secs) == {"zeros", "subnets @ 16", "subnets @ 24 (and max)", "update"}
     encs = [[encode(s, SPACE) for s in sandwich_subnets(SPACE, 0, i, 4)] for i in range(6)]
     assert {e.resolution for es in encs for e in es[1:]} == set(SPACE.resolutions)
 
