@@ -293,12 +293,13 @@ class SandwichStep:
         g_abs, t_abs = jax.eval_shape(self.zeros_fn, params, labels)
         grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), g_abs)
         teacher = jax.ShapeDtypeStruct(t_abs.shape, t_abs.dtype, sharding=shard)
-        out = {"zeros": lambda: self.zeros_fn.lower(params, labels)}
+        out = {}
         for r, enc in encs.items():
             if r != "max":  # the max subnet runs in the program of its resolution
                 name = f"subnets @ {r}" + (" (and max)" if r == encs["max"].resolution else "")
                 out[name] = functools.partial(self.subnet_fn.lower, params, bs, grads, images, labels, teacher, enc,
                                               rng, np.bool_(False))
+        out["zeros"] = lambda: self.zeros_fn.lower(params, labels)
         out["update"] = lambda: self.update_fn.lower(state, grads, jnp.asarray(False))
         return out
 
