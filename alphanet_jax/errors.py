@@ -31,6 +31,14 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used for this run."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """The checkpoint's pickle names a global that could execute code; nothing was executed."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The state dict does not fit the search space: missing, mis-shaped or unexpected tensors."""
+
+
 class WorkdirError(UserError):
     """A workdir that is not a writable directory, or a write to it that failed (e.g. a full disk)."""
 

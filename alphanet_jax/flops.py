@@ -61,7 +61,7 @@ def count_flops(subnet: SubnetConfig, space: SearchSpace | None = None) -> float
     return sum(v for _, v in layer_flops(subnet, space)) / 1e6
 
 
-def param_shapes(subnet: SubnetConfig, space: SearchSpace | None = None,
+def param_counts(subnet: SubnetConfig, space: SearchSpace | None = None,
                  include_unused_shortcuts: bool = False) -> dict[str, int]:
     """Number of parameters per layer of the static (exported) subnet, by name."""
     space = get_space(space)
@@ -96,4 +96,4 @@ def count_params(subnet: SubnetConfig, space: SearchSpace | None = None,
     counter (spec §5.2, "params M (profile)") includes them: pass
     `include_unused_shortcuts=True` for that number (A0: 8,954,xxx vs 9,065,xxx).
     """
-    return sum(param_shapes(subnet, space, include_unused_shortcuts).values())
+    return sum(param_counts(subnet, space, include_unused_shortcuts).values())
