@@ -34,12 +34,7 @@ Every BN also has `….bn.num_batches_tracked` and two unused `….bn_tracking.{
 sets: they are ignored on load and written (as their initial values) by `to_pytorch_state_dict`,
 which gives the official 1468 entries for AlphaNet.
 
-Safety: checkpoints are pickles. `safe_torch_load` (from `safe_pickle`) reads them with `torch.load` and a restricted
-unpickler (`RestrictedUnpickler`) that never imports or calls anything outside a short allow-list
-(torch's tensor-rebuild functions and storage types, `collections.OrderedDict`, plain containers).
-Custom classes that only carry metadata (the pickled `utils.config.Config` under `args`) become
-inert `CheckpointPlaceholder` objects whose construction only stores data; globals that would run
-code (`os.system`, `builtins.eval`, `subprocess.*`, `getattr`, ...) raise `UnsafeCheckpointError`.
+Safety: checkpoints are pickles; `safe_pickle.safe_torch_load` reads them without running their code.
 """
 
 from __future__ import annotations

@@ -140,11 +140,16 @@ def _out_size(h: int, k: int, stride: int) -> int:
     return (h + 2 * (k // 2) - k) // stride + 1
 
 
+def _taps_f32(kernel: Array, dtype: Any) -> Array:
+    """The kernel's taps rounded to the compute dtype, as `conv2d` uses them, in float32."""
+    return kernel.astype(dtype).astype(jnp.float32)
+
+
 def _depthwise_shift(x: Array, kernel: Array, stride: int) -> Array:
     k = kernel.shape[0]
     pad = k // 2
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    kf = kernel.astype(x.dtype).astype(jnp.float32)  # the taps in the compute dtype, as `conv2d`
+    kf = _taps_f32(kernel, x.dtype)
     ho, wo = _out_size(x.shape[1], k, stride), _out_size(x.shape[2], k, stride)
     return _tap_sum(xp, kf[:, :, 0], ho, wo, stride).astype(x.dtype)
 
@@ -214,13 +219,17 @@ def _depthwise_kernel_grad(x: Array, dy: Array, k: int, stride: int, chunk_elems
     return jnp.sum(parts, axis=0)
 
 
+def _taps_grads(x: Array, taps: Array, dy: Array, stride: int) -> tuple[Array, Array]:
+    """(dx, d taps [k, k, C] float32) of the tap sum of x with float32 `taps` [k, k, C]."""
+    k = taps.shape[0]
+    dx = _depthwise_input_grad(dy, taps, stride, x.shape[1], x.shape[2])
+    return dx.astype(x.dtype), _depthwise_kernel_grad(x, dy, k, stride).reshape(k, k, -1)
+
+
 def _depthwise_taps_bwd(stride, res, dy):
     x, kernel = res
-    k = kernel.shape[0]
-    kf = kernel.astype(x.dtype).astype(jnp.float32)[:, :, 0]
-    dx = _depthwise_input_grad(dy, kf, stride, x.shape[1], x.shape[2])
-    dk = _depthwise_kernel_grad(x, dy, k, stride).reshape(k, k, 1, -1)
-    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+    dx, dk = _taps_grads(x, _taps_f32(kernel, x.dtype)[:, :, 0], dy, stride)
+    return dx, dk[:, :, None, :].astype(kernel.dtype)
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
@@ -232,27 +241,30 @@ def _centre(kernel: Array, k: int) -> Array:
     return kernel[o:o + k, o:o + k]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _depthwise_taps_elastic(x: Array, kernel: Array, branch: Array, stride: int, sizes: tuple[int, ...]) -> Array:
-    """`_depthwise_taps` with only the taps of the centred sizes[branch] window (zero outside it)."""
+def _elastic_shift(x: Array, kernel: Array, branch: Array, stride: int, sizes: tuple[int, ...]) -> Array:
     return jax.lax.switch(branch, [functools.partial(lambda k, x, w: _depthwise_shift(x, _centre(w, k), stride), k)
                                    for k in sizes], x, kernel)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _depthwise_taps_elastic(x: Array, kernel: Array, branch: Array, stride: int, sizes: tuple[int, ...]) -> Array:
+    """`_depthwise_taps` with only the taps of the centred sizes[branch] window (zero outside it)."""
+    return _elastic_shift(x, kernel, branch, stride, sizes)
+
+
 def _depthwise_taps_elastic_fwd(x, kernel, branch, stride, sizes):
-    return _depthwise_taps_elastic(x, kernel, branch, stride, sizes), (x, kernel, branch)
+    return _elastic_shift(x, kernel, branch, stride, sizes), (x, kernel, branch)
 
 
 def _depthwise_taps_elastic_bwd(stride, sizes, res, dy):
     x, kernel, branch = res
     big = kernel.shape[0]
-    kf = kernel.astype(x.dtype).astype(jnp.float32)[:, :, 0]
+    kf = _taps_f32(kernel, x.dtype)[:, :, 0]
 
     def grads(k, dy):
-        dx = _depthwise_input_grad(dy, _centre(kf, k), stride, x.shape[1], x.shape[2])
-        dk = _depthwise_kernel_grad(x, dy, k, stride).reshape(k, k, -1)
+        dx, dk = _taps_grads(x, _centre(kf, k), dy, stride)
         o = (big - k) // 2
-        return dx.astype(x.dtype), jnp.pad(dk, ((o, o), (o, o), (0, 0)))  # zero outside the window
+        return dx, jnp.pad(dk, ((o, o), (o, o), (0, 0)))  # zero outside the window
 
     dx, dk = jax.lax.switch(branch, [functools.partial(grads, k) for k in sizes], dy)
     return dx, dk[:, :, None, :].astype(kernel.dtype), None

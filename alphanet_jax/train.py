@@ -230,7 +230,7 @@ class SandwichStep:
         return self.subnet_fn(params, batch_stats, grads, images, labels, no_teacher, enc, rng, np.bool_(True))
 
     def student(self, params, batch_stats, grads, images, labels, teacher, enc, rng) -> tuple[Any, dict]:
-        """A student's step: (grads + its gradient, {loss, acc}); `rng` is unused (no dropout)."""
+        """A student's step: (grads + its gradient, {loss, acc}); at rates 0 the result does not depend on `rng`."""
         grads, _, m = self.subnet_fn(params, batch_stats, grads, images, labels, teacher, enc, rng,
                                      np.bool_(False))
         return grads, m

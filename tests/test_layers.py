@@ -114,3 +114,29 @@ def test_pointwise_cpu_backward_equals_autodiff(n, h, cin, cout, seed):
 def test_unknown_depthwise_impl_is_refused():
     with pytest.raises(ValueError, match="depthwise impl"):
         layers.depthwise(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, "cudnn")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("h", [9, 10])
+def test_elastic_taps_equal_the_masked_kernel(stride, h):
+    """Running only the active window's taps (kernel_sizes given) computes the same values and
+    gradients as all 7x7 taps with the kernel masked to that window."""
+    x = jax.random.normal(jax.random.PRNGKey(h), (2, h, 11, 6))
+    kernel = jax.random.normal(jax.random.PRNGKey(stride), (7, 7, 1, 6))
+    for active in (3, 5, 7):
+        mask = layers.kernel_mask(active, 7)[:, :, None, None]
+
+        def loss(x, w, elastic):
+            y = layers.depthwise(x, w * mask, stride, "taps", active_kernel=jnp.asarray(active) if elastic else None,
+                                 kernel_sizes=(3, 5, 7) if elastic else ())
+            return jnp.sum(y * jnp.cos(y)), y
+
+        (_, y_e), g_e = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, True), (0, 1), has_aux=True))(x, kernel)
+        (_, y_m), g_m = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, False), (0, 1), has_aux=True))(x, kernel)
+        # Sums of <= 49 float32 products of O(1) values, in the same order; FMA contraction may differ:
+        # a few float32 epsilons times the sum of |terms| (<= ~49 * 4).
+        tol = dict(rtol=1e-5, atol=200 * 49 * float(np.finfo(np.float32).eps))
+        np.testing.assert_allclose(y_e, y_m, **tol)
+        np.testing.assert_allclose(g_e[0], g_m[0], **tol)
+        np.testing.assert_allclose(g_e[1], g_m[1], **tol)
+        assert np.all(np.asarray(g_e[1])[~np.asarray(mask)[:, :, 0, 0]] == 0)  # nothing outside the window
