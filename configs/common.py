@@ -49,8 +49,11 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # 'taps' (k*k shifted slices, autodiff or hand-written backward; see layers.depthwise).
     # scan_blocks: 'auto' (True on CPU, False elsewhere): each stage's same-shape blocks run as one
     # lax.scan body, a smaller program that compiles faster (supernet.forward).
+    # bn_group_size: ghost BN in training, statistics over each group of this many consecutive examples
+    # of a device's batch (0: the whole per-device batch); calibration always uses whole batches.
     c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks=False,
-                                             remat=False, depthwise_impl="auto", scan_blocks="auto"))
+                                             remat=False, depthwise_impl="auto", scan_blocks="auto",
+                                             bn_group_size=0))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1))  # devices on the data axis (-1: all)
     c.distributed = ml_collections.ConfigDict(dict(
