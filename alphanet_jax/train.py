@@ -490,7 +490,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None
     """Supernet variables {params, batch_stats} of the newest checkpoint in `workdir`."""
     space = get_space(config.space)
     mesh = mesh or mesh_lib.make_mesh(-1)
-    model = make_model(config, space)
+    model = make_model(config, space, for_training=False)  # the variables' shapes only
     tx = make_optimizer(config, lambda t: 0.0)
     ckdir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckdir):

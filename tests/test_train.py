@@ -383,7 +383,10 @@ def test_ghost_bn_on_one_device_equals_per_device_bn_on_a_mesh(one_step):
     (g8, t8, l8), (g1, t1, l1) = out["8"], out["1"]
     np.testing.assert_allclose(t1, t8, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=LOSS_ABS)
-    assert_tree_close(g1, g8, 1e-5)
+    # The same float32 arithmetic reduced in another order: the students' gradients are small
+    # differences of probabilities (q - p) that carry the teacher logits' ~1e-6 differences; on the
+    # whole gradient's scale, as test_one_step_is_the_same_on_1_and_8_devices_with_global_bn.
+    assert_tree_close(g1, g8, 1e-4)
     # ... and not those of BN over the whole 16 (the 1-device global-BN step).
     g_whole, _, _ = _sandwich_grads(one_step["1"]["step"], one_step["host"], one_step["batch"], one_step["encs"],
                                     one_step["key"])
