@@ -27,16 +27,17 @@ Array = jax.Array
 FORMAT = "alphanet-jax-subnet/1"
 
 
-def _bn(x, p, s, train, eps):
-    y, new = layers.batch_norm(x, p, s, jnp.ones((x.shape[-1],), bool), train=train, eps=eps)
+def _bn(x, p, s, train, eps, axis_name=None):
+    y, new = layers.batch_norm(x, p, s, jnp.ones((x.shape[-1],), bool), train=train, eps=eps, axis_name=axis_name)
     return y, new
 
 
-def _static_bn(module: nn.Module, name: str, x: Array, c: int, *, train: bool, eps: float) -> Array:
+def _static_bn(module: nn.Module, name: str, x: Array, c: int, *, train: bool, eps: float,
+               axis_name: str | None = None) -> Array:
     """A named BN of `module` over all c channels; writes batch statistics when they are mutable."""
     p = module.param(name, lambda k: {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))})
     sv = module.variable("batch_stats", name, lambda: {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))})
-    y, new = _bn(x, p, sv.value, train, eps)
+    y, new = _bn(x, p, sv.value, train, eps, axis_name)
     if train and module.is_mutable_collection("batch_stats") and not module.is_initializing():
         sv.value = new
     return y
@@ -47,19 +48,24 @@ def _kernel(module: nn.Module, name: str, shape: tuple[int, ...]) -> Array:
 
 
 class StaticSubnet(nn.Module):
-    """One subnet with static shapes: resize, stem, active blocks, head, classifier."""
+    """One subnet with static shapes: resize, stem, active blocks, head, classifier.
+
+    `bn_axis_name` pmean's train-mode BN statistics over a shard_map axis, as `Supernet`'s
+    (training runs the min subnet as a static subnet, train.SandwichStep).
+    """
 
     space: SearchSpace
     subnet: SubnetConfig
     dtype: Any = jnp.float32
     bn_eps: float = 1e-5
     depthwise_impl: str = "auto"
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> Array:
         space, rs = self.space, resolve(self.subnet, self.space)
         dt = self.dtype
-        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps)
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name)
         w = functools.partial(_kernel, self)
         act = layers.activation(space.act)
         x = layers.resize_bicubic(images.astype(jnp.float32), rs.resolution).astype(dt)
@@ -67,7 +73,7 @@ class StaticSubnet(nn.Module):
         x = layers.conv2d(x, w("stem", (k0, k0, space.in_channels, rs.stem_width)), space.stem_stride)
         x = act(bn("stem_bn", x, rs.stem_width))
         for j, b in enumerate(rs.blocks):
-            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, name=f"blocks{j}")(x, train)
+            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, self.bn_axis_name, name=f"blocks{j}")(x, train)
         c = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
         v3 = space.head_kind == "v3"
 
@@ -82,7 +88,7 @@ class StaticSubnet(nn.Module):
         hs = self.variable("batch_stats", "head", lambda: {"expand_bn": {
             "mean": jnp.zeros((rs.head_expand,)), "var": jnp.ones((rs.head_expand,))}})
         x = layers.pointwise(x, hp["expand"]["kernel"])
-        x, new = _bn(x, hp["expand_bn"], hs.value["expand_bn"], train, self.bn_eps)
+        x, new = _bn(x, hp["expand_bn"], hs.value["expand_bn"], train, self.bn_eps, self.bn_axis_name)
         if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
             hs.value = {"expand_bn": new}
         x = act(x)
@@ -99,13 +105,14 @@ class _StaticBlock(nn.Module):
     bn_eps: float
     dtype: Any
     depthwise_impl: str = "auto"
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         b = self.b
         act = layers.activation(b.act)
 
-        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps)
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name)
         kernel = functools.partial(_kernel, self)
 
         h = x

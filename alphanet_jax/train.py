@@ -7,8 +7,9 @@ are clipped element-wise, and one SGD (Nesterov) update follows.
 
 Compiled programs: one per resolution for the subnets' forward + backward (the
 architecture, and whether it is the max subnet, enter as arrays, so every subnet of a
-resolution shares it), one that makes the zero inputs of the max subnet, one for the
-update: at most `len(resolutions) + 2`, whatever the subnets.
+resolution shares it), one for the min subnet run sliced at its own widths (it is the same
+network every step), one for the update (which also makes the next step's zero gradient
+accumulator): at most `len(resolutions) + 2`, whatever the subnets.
 BN statistics are per device (the reference's `sync_bn: False`) by running the
 forward inside `shard_map`; `model.sync_bn=True` averages them over all devices.
 """
@@ -34,6 +35,7 @@ from alphanet_jax import checkpoint as ckpt_lib
 from alphanet_jax import data as data_lib
 from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
+from alphanet_jax import export as export_lib
 from alphanet_jax.files import atomic_write
 from alphanet_jax import layers
 from alphanet_jax import losses
@@ -181,9 +183,20 @@ class SandwichStep:
         self.max_bad = int(config.max_consecutive_bad_steps)
         donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
         self.subnet_fn = jax.jit(self._subnet, donate_argnums=(2,) if donate else ())
-        self.zeros_fn = jax.jit(self._zeros,
-                                out_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
         self.update_fn = jax.jit(self._update, donate_argnums=(0, 1) if donate else ())
+        # The min subnet is the same network every step: it runs sliced, at its own widths (a
+        # fraction of the masked program's work), in a program of its own (`_min_subnet`).
+        space = model.space
+        self.min_config = space.min_subnet()
+        self.min_encoding = encode(self.min_config, space)
+        self.static_min = bool(config.sandwich.static_min)
+        self.min_model = export_lib.StaticSubnet(
+            space=space, subnet=self.min_config, dtype=model.dtype, bn_eps=model.bn_eps,
+            depthwise_impl=model.depthwise_impl, bn_axis_name=model.bn_axis_name)
+        self.min_fn = jax.jit(self._min_subnet, donate_argnums=(2,) if donate else ())
+        # The max subnet's gradient accumulator: zeros made by the previous update (None before
+        # the first step: then made on the host, which compiles nothing).
+        self._zero_grads = None
 
     def _subnet(self, params, batch_stats, grads, images, labels, teacher, enc, rng, is_max):
         """One subnet's forward + backward on the local batch; its gradient is added to `grads`.
@@ -204,36 +217,87 @@ class SandwichStep:
             per_example = jax.lax.cond(
                 is_max, lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, self.smoothing), self.distill,
                 logits, teacher, labels)
-            loss = jnp.mean(per_example)
-            acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-            return jax.lax.pmean(loss, mesh_lib.DATA), jax.lax.pmean(acc, mesh_lib.DATA), logits
+            return self._loss_metrics(per_example, logits, labels)
 
         d = P(mesh_lib.DATA)
         fwd = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d, P(), P(), P()),
                             out_specs=(P(), P(), d))
+        return self._accumulate(lambda p: fwd(p, batch_stats, images, labels, teacher, enc, rng, is_max),
+                                params, grads)
 
+    def _min_subnet(self, params, batch_stats, grads, images, labels, teacher):
+        """`_subnet` for the min subnet, run as the static (sliced) network: the same logits and
+        gradient as the masked program (the sliced weights' gradients land in the supernet's
+        tensors, zero elsewhere), at the min subnet's widths instead of the max's."""
+        space, subnet, static = self.model.space, self.min_config, self.min_model
+
+        def per_device(params, batch_stats, images, labels, teacher):
+            sliced = export_lib.slice_variables({"params": params, "batch_stats": batch_stats}, subnet, space)
+            logits = static.apply(sliced, images, train=True)
+            return self._loss_metrics(self.distill(logits, teacher, labels), logits, labels)
+
+        d = P(mesh_lib.DATA)
+        fwd = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d), out_specs=(P(), P(), d))
+        return self._accumulate(lambda p: fwd(p, batch_stats, images, labels, teacher), params, grads)
+
+    @staticmethod
+    def _loss_metrics(per_example: Array, logits: Array, labels: Array) -> tuple[Array, Array, Array]:
+        """(mean loss, top-1 accuracy) over all devices, and the local logits (inside shard_map)."""
+        loss = jnp.mean(per_example)
+        acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return jax.lax.pmean(loss, mesh_lib.DATA), jax.lax.pmean(acc, mesh_lib.DATA), logits
+
+    @staticmethod
+    def _accumulate(fwd: Callable, params: Any, grads: Any) -> tuple[Any, Array, dict]:
+        """(grads + d loss / d params, the logits without gradient, {loss, acc}) of `fwd(params)`."""
         def loss(p):
-            l, acc, logits = fwd(p, batch_stats, images, labels, teacher, enc, rng, is_max)
+            l, acc, logits = fwd(p)
             return l, (acc, logits)
 
         (l, (acc, logits)), g = jax.value_and_grad(loss, has_aux=True)(params)
         return jax.tree.map(jnp.add, grads, g), jax.lax.stop_gradient(logits), {"loss": l, "acc": acc}
 
-    def _zeros(self, params, labels):
-        """The max subnet's inputs in place of earlier results: zero gradients and zero teacher logits."""
-        classes = params["classifier"]["bias"].shape[-1]
-        return jax.tree.map(jnp.zeros_like, params), jnp.zeros(labels.shape + (classes,), jnp.float32)
+    def _take_zero_grads(self, params: Any) -> Any:
+        """The max subnet's gradient accumulator: the zeros the last update made, else zeros from the host.
+
+        Host zeros (`make_array_from_callback`) compile nothing, so the step stays at
+        `len(resolutions) + 2` programs; on accelerators the accumulator is donated, so each is used once.
+        """
+        zeros, self._zero_grads = self._zero_grads, None
+        if zeros is None:
+            rep = mesh_lib.replicated(self.mesh)
+            zeros = jax.tree.map(lambda a: jax.make_array_from_callback(
+                a.shape, rep, lambda idx, a=a: np.zeros(a.shape, a.dtype)[idx]), params)
+        return zeros
+
+    def _zero_teacher(self, labels: Array) -> Array:
+        """Zero logits in the teacher's place for the max subnet (it learns from labels; never read)."""
+        shape = labels.shape + (self.model.space.num_classes,)
+        return jax.make_array_from_callback(shape, mesh_lib.batch_sharding(self.mesh),
+                                            lambda idx: np.zeros(shape, np.float32)[idx])
 
     def max_subnet(self, params, batch_stats, images, labels, enc, rng) -> tuple[Any, Array, dict]:
         """The max subnet's step: (its gradient, its logits (the students' teacher), {loss, acc})."""
-        grads, no_teacher = self.zeros_fn(params, labels)
-        return self.subnet_fn(params, batch_stats, grads, images, labels, no_teacher, enc, rng, np.bool_(True))
+        return self.subnet_fn(params, batch_stats, self._take_zero_grads(params), images, labels,
+                              self._zero_teacher(labels), enc, rng, np.bool_(True))
 
     def student(self, params, batch_stats, grads, images, labels, teacher, enc, rng) -> tuple[Any, dict]:
-        """A student's step: (grads + its gradient, {loss, acc}); at rates 0 the result does not depend on `rng`."""
-        grads, _, m = self.subnet_fn(params, batch_stats, grads, images, labels, teacher, enc, rng,
-                                     np.bool_(False))
+        """A student's step: (grads + its gradient, {loss, acc}); at rates 0 the result does not depend on `rng`.
+
+        The min subnet runs in its static program (`_min_subnet`) unless `sandwich.static_min` is off.
+        """
+        if self.static_min and self.is_min(enc):
+            grads, _, m = self.min_fn(params, batch_stats, grads, images, labels, teacher)
+        else:
+            grads, _, m = self.subnet_fn(params, batch_stats, grads, images, labels, teacher, enc, rng,
+                                         np.bool_(False))
         return grads, m
+
+    def is_min(self, enc: EncodedSubnet) -> bool:
+        """Whether `enc` is the space's min subnet (host arrays, as `encode` makes them)."""
+        mine = self.min_encoding
+        return enc.resolution == mine.resolution and all(
+            np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(enc), jax.tree.leaves(mine)))
 
     def _update(self, state, grads, poison):
         # `poison` (fault injection for tests) turns this step's gradients into NaN.
@@ -260,7 +324,9 @@ class SandwichStep:
         # step, on the device); the host sees it at the next log or save step and stops the run.
         halted = state["worst_streak"] >= self.max_bad
         new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
-        return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}
+        # The next step's gradient accumulator (in the donated gradients' buffers on accelerators).
+        zeros = jax.tree.map(jnp.zeros_like, grads)
+        return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}, zeros
 
     def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array,
                  poison: bool = False) -> tuple[dict, dict]:
@@ -272,12 +338,12 @@ class SandwichStep:
             grads, m = self.student(params, bs, grads, images, labels, teacher, enc, rng)
             role = "min" if i == len(encs) - 1 else f"random{i}"
             metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
-        state, m = self.update_fn(state, grads, jnp.asarray(poison))
+        state, m, self._zero_grads = self.update_fn(state, grads, jnp.asarray(poison))
         metrics.update(m)
         return state, metrics
 
     def num_compiled(self) -> int:
-        return self.subnet_fn._cache_size() + self.zeros_fn._cache_size() + self.update_fn._cache_size()
+        return self.subnet_fn._cache_size() + self.min_fn._cache_size() + self.update_fn._cache_size()
 
     def lowerings(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array
                   ) -> dict[str, Callable[[], Any]]:
@@ -290,16 +356,17 @@ class SandwichStep:
         params, bs = state["params"], state["batch_stats"]
         images, labels = batch["image"], batch["label"]
         rep, shard = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-        g_abs, t_abs = jax.eval_shape(self.zeros_fn, params, labels)
-        grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), g_abs)
-        teacher = jax.ShapeDtypeStruct(t_abs.shape, t_abs.dtype, sharding=shard)
+        grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), params)
+        teacher = jax.ShapeDtypeStruct(labels.shape + (self.model.space.num_classes,), jnp.float32, sharding=shard)
         out = {}
         for r, enc in encs.items():
             if r != "max":  # the max subnet runs in the program of its resolution
                 name = f"subnets @ {r}" + (" (and max)" if r == encs["max"].resolution else "")
                 out[name] = functools.partial(self.subnet_fn.lower, params, bs, grads, images, labels, teacher, enc,
                                               rng, np.bool_(False))
-        out["zeros"] = lambda: self.zeros_fn.lower(params, labels)
+        if self.static_min:
+            out[f"min subnet @ {self.min_config.resolution} (static)"] = functools.partial(
+                self.min_fn.lower, params, bs, grads, images, labels, teacher)
         out["update"] = lambda: self.update_fn.lower(state, grads, jnp.asarray(False))
         return out
 

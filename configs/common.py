@@ -41,6 +41,9 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.sandwich = ml_collections.ConfigDict(dict(
         num_arch_training=4, distill="alpha", alpha_min=-1.0, alpha_max=1.0, iw_clip=5.0,
         label_smoothing=0.1, dropout=0.2, drop_connect=0.2, drop_connect_only_last_two_stages=True))
+    # The min subnet runs sliced at its own widths in a program of its own (the same logits and gradients as
+    # the masked program, a fraction of its work); False runs it masked in its resolution's program.
+    c.sandwich.static_min = True
     # skip_inactive_blocks: lax.cond skips depth-inactive blocks (saves work on accelerators; on CPU, with
     # the taps depthwise and scanned blocks, the step measured 7 % slower with it, benchmarks/RESULTS.md).
     # remat: recompute block activations in the backward pass (jax.checkpoint per block): less device
