@@ -1,36 +1,23 @@
 """Subnets by name: the AlphaNet A0..A6 presets, 'min'/'max', width multipliers ('0.5x'), JSON files.
 
 `as_subnet` is what the command line calls for `eval.subnets` and `export.subnet`. Pure Python.
+The presets' genes are data, in presets.json.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from typing import Any, Mapping
 
 from alphanet_jax.errors import SearchSpaceError
 from alphanet_jax.search_space import SubnetConfig, get_space
 
-# AlphaNet A0..A6 (spec §5.2, `AlphaNet:configs/eval_alphanet_models.yml`).
+# AlphaNet A0..A6 (spec §5.2, the reference's `AlphaNet:configs/eval_alphanet_models.yml`), as data in
+# presets.json: each entry is a subnet in the reference's dict format (what `load_subnet` reads).
 # Keys follow the reference: a5 is A5-small, a5_1 is A5-base.
-PRESETS: dict[str, dict[str, Any]] = {
-    "a0": dict(resolution=192, width=[16, 16, 24, 32, 64, 112, 192, 216, 1792], kernel_size=[3, 3, 3, 3, 3, 3, 3],
-               expand_ratio=[1, 4, 4, 4, 4, 6, 6], depth=[1, 3, 3, 3, 3, 3, 1]),
-    "a1": dict(resolution=224, width=[16, 16, 24, 32, 64, 112, 192, 216, 1984], kernel_size=[3, 3, 3, 5, 3, 5, 3],
-               expand_ratio=[1, 4, 4, 4, 4, 6, 6], depth=[1, 3, 3, 3, 3, 3, 1]),
-    "a2": dict(resolution=224, width=[16, 16, 24, 32, 64, 112, 200, 224, 1984], kernel_size=[3, 3, 3, 3, 3, 5, 3],
-               expand_ratio=[1, 4, 5, 4, 4, 6, 6], depth=[1, 3, 3, 3, 3, 4, 1]),
-    "a3": dict(resolution=224, width=[16, 16, 24, 32, 64, 112, 208, 224, 1984], kernel_size=[3, 3, 3, 5, 3, 3, 3],
-               expand_ratio=[1, 4, 4, 4, 4, 6, 6], depth=[2, 3, 3, 4, 3, 5, 1]),
-    "a4": dict(resolution=256, width=[16, 16, 24, 32, 64, 112, 192, 216, 1984], kernel_size=[3, 3, 3, 5, 3, 5, 3],
-               expand_ratio=[1, 4, 4, 5, 4, 6, 6], depth=[1, 3, 3, 4, 3, 5, 1]),
-    "a5": dict(resolution=256, width=[16, 16, 24, 32, 64, 112, 208, 216, 1984], kernel_size=[3, 3, 3, 3, 3, 5, 3],
-               expand_ratio=[1, 4, 4, 5, 4, 6, 6], depth=[1, 3, 3, 4, 4, 5, 1]),
-    "a5_1": dict(resolution=288, width=[16, 16, 24, 32, 64, 112, 200, 216, 1984], kernel_size=[3, 3, 5, 5, 3, 3, 3],
-                 expand_ratio=[1, 4, 4, 4, 5, 6, 6], depth=[2, 3, 4, 3, 3, 5, 1]),
-    "a6": dict(resolution=288, width=[16, 16, 24, 32, 64, 112, 216, 224, 1984], kernel_size=[3, 3, 3, 3, 3, 5, 3],
-               expand_ratio=[1, 4, 6, 5, 4, 6, 6], depth=[1, 3, 3, 4, 4, 6, 1]),
-}
+PRESETS: dict[str, dict[str, Any]] = json.loads(
+    importlib.resources.files("alphanet_jax").joinpath("presets.json").read_text())
 PRESET_ALIASES = {"a5_small": "a5", "a5_base": "a5_1"}
 PRESET_TITLES = {"a0": "AlphaNet-A0", "a1": "AlphaNet-A1", "a2": "AlphaNet-A2", "a3": "AlphaNet-A3",
                  "a4": "AlphaNet-A4", "a5": "AlphaNet-A5 (small)", "a5_1": "AlphaNet-A5 (base)", "a6": "AlphaNet-A6"}

@@ -1,8 +1,9 @@
 """The search spaces, as plain data.
 
-Plain dicts, no code: `search_space.SearchSpace.from_config` reads a space dict (`space_dict.read`
-checks it; the space derives its structure). Configs in configs/ embed a space dict as
-`config.space`, so a config file can define its own space. The A0..A6 subnets are in `presets`.
+Plain dicts (the slimmable stages written as MobileNetV2's (t, c, n, s) table):
+`search_space.SearchSpace.from_config` reads a space dict (`space_dict.read` checks it; the space
+derives its structure). Configs in configs/ embed a space dict as `config.space`, so a config file
+can define its own space. The A0..A6 subnets are in `presets`.
 
 Two families: AttentiveNAS-style spaces (every width, depth, kernel and expand ratio an independent
 gene: `alphanet`, `tiny`) and width-tied slimmable spaces (`slimmable_mobilenet_v2`, `tiny_slimmable`:
@@ -57,6 +58,14 @@ TINY_SPACE: dict[str, Any] = dict(
     shortcut="always",
 )
 
+
+def _inverted_residual_stages(table: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
+    """Stage dicts 'ir1', 'ir2', ... from MobileNetV2's (t, c, n, s) rows: expand ratio, base width, depth,
+    stride; one choice each, 3x3 kernels, no SE."""
+    return [dict(name=f"ir{i + 1}", base_width=c, depths=[n], kernel_sizes=[3], expand_ratios=[t], stride=s, se=False)
+            for i, (t, c, n, s) in enumerate(table)]
+
+
 # Universally slimmable MobileNetV2 (US-Nets, arXiv 1903.05134; MobileNetV2, arXiv 1801.04381): one width
 # multiplier m scales every layer, channels = make_divisible(base x m, 8). The multipliers are US-Nets'
 # `width_mult_list` (0.35 to 1.0 in steps of 0.025). Depth, kernel and expansion are fixed (one choice
@@ -73,15 +82,8 @@ SLIMMABLE_MOBILENET_V2_SPACE: dict[str, Any] = dict(
     num_classes=1000,
     width_multipliers=SLIM_WIDTH_MULTIPLIERS,
     stem=dict(base_width=32, kernel_size=3, stride=2),
-    stages=[  # MobileNetV2's (t, c, n, s) table
-        dict(name="ir1", base_width=16, depths=[1], kernel_sizes=[3], expand_ratios=[1], stride=1, se=False),
-        dict(name="ir2", base_width=24, depths=[2], kernel_sizes=[3], expand_ratios=[6], stride=2, se=False),
-        dict(name="ir3", base_width=32, depths=[3], kernel_sizes=[3], expand_ratios=[6], stride=2, se=False),
-        dict(name="ir4", base_width=64, depths=[4], kernel_sizes=[3], expand_ratios=[6], stride=2, se=False),
-        dict(name="ir5", base_width=96, depths=[3], kernel_sizes=[3], expand_ratios=[6], stride=1, se=False),
-        dict(name="ir6", base_width=160, depths=[3], kernel_sizes=[3], expand_ratios=[6], stride=2, se=False),
-        dict(name="ir7", base_width=320, depths=[1], kernel_sizes=[3], expand_ratios=[6], stride=1, se=False),
-    ],
+    stages=_inverted_residual_stages([(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                                      (6, 160, 3, 2), (6, 320, 1, 1)]),
     head=dict(kind="v2", widths=[1280]),
     act="relu6",
     se_reduction=4,
@@ -96,12 +98,7 @@ TINY_SLIMMABLE_SPACE: dict[str, Any] = dict(
     num_classes=10,
     width_multipliers=[0.35, 0.5, 0.75, 1.0],
     stem=dict(base_width=32, kernel_size=3, stride=2),
-    stages=[
-        dict(name="ir1", base_width=16, depths=[1], kernel_sizes=[3], expand_ratios=[1], stride=1, se=False),
-        dict(name="ir2", base_width=24, depths=[2], kernel_sizes=[3], expand_ratios=[3], stride=2, se=False),
-        dict(name="ir3", base_width=32, depths=[2], kernel_sizes=[3], expand_ratios=[3], stride=2, se=False),
-        dict(name="ir4", base_width=48, depths=[1], kernel_sizes=[3], expand_ratios=[3], stride=1, se=False),
-    ],
+    stages=_inverted_residual_stages([(1, 16, 1, 1), (3, 24, 2, 2), (3, 32, 2, 2), (3, 48, 1, 1)]),
     head=dict(kind="v2", widths=[128]),
     act="relu6",
     se_reduction=4,
