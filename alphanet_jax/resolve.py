@@ -9,6 +9,7 @@ import dataclasses
 from alphanet_jax.search_space import SubnetConfig, get_space
 from alphanet_jax.widths import expanded_width, se_width
 
+
 @dataclasses.dataclass(frozen=True)
 class ActiveBlock:
     index: int        # global supernet block index

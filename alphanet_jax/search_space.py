@@ -258,8 +258,8 @@ class SearchSpace:
     def width_subnet(self, multiplier: float, resolution: int | None = None) -> "SubnetConfig":
         """The subnet at one width multiplier; untied widths and the other genes at their max choice,
         `resolution` defaulting to the largest."""
-        return self.pick_subnet(max, multiplier=self.match_multiplier(multiplier), resolution=resolution
-                                ).validate(self)
+        m = self.match_multiplier(multiplier)
+        return self.pick_subnet(max, multiplier=m, resolution=resolution).validate(self)
 
     # -- canonical subnets ----------------------------------------------------
     def max_subnet(self) -> "SubnetConfig":
