@@ -21,7 +21,8 @@ import numpy as np
 
 from alphanet_jax import layers
 from alphanet_jax.errors import PathNotFoundError, UserError
-from alphanet_jax.search_space import ActiveBlock, SearchSpace, SubnetConfig, get_space, resolve
+from alphanet_jax.resolve import ActiveBlock, resolve
+from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space
 
 Array = jax.Array
 FORMAT = "alphanet-jax-subnet/1"

@@ -74,8 +74,10 @@ import numpy as np
 from alphanet_jax import errors
 from alphanet_jax.files import atomic_write
 from alphanet_jax.flops import count_flops, count_params
-from alphanet_jax.search_space import (PRESET_TITLES, PRESETS, SearchSpace, SubnetConfig, crossover, get_space,
-                                       mutate, sample_subnet_in_range, step_rng)
+from alphanet_jax.evolution import crossover, mutate, sample_subnet_in_range
+from alphanet_jax.presets import PRESET_TITLES, PRESETS
+from alphanet_jax.sampling import step_rng
+from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space
 
 __all__ = ["SearchConfig", "run_search", "default_config", "canonical_key", "pareto_buckets", "bucket_of",
            "ResultStore", "write_outputs", "plot_pareto", "non_dominated", "JaxComm", "STREAM", "SearchResultsError",

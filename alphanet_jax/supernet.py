@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alphanet_jax import layers
-from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space, resolve
+from alphanet_jax.resolve import resolve
+from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space
 
 Array = jax.Array
 

@@ -30,7 +30,8 @@ from alphanet_jax import mesh as mesh_lib
 from alphanet_jax import search as search_lib
 from alphanet_jax import train as train_lib
 from alphanet_jax.flops import count_flops, count_params
-from alphanet_jax.search_space import PRESET_TITLES, SubnetConfig, as_subnet, get_space
+from alphanet_jax.presets import PRESET_TITLES, as_subnet
+from alphanet_jax.search_space import SubnetConfig, get_space
 
 TASKS = ("train", "evaluate", "search", "export")
 

@@ -40,7 +40,8 @@ from alphanet_jax.files import atomic_write
 from alphanet_jax import layers
 from alphanet_jax import losses
 from alphanet_jax import mesh as mesh_lib
-from alphanet_jax.search_space import SearchSpace, get_space, sandwich_subnets
+from alphanet_jax.sampling import sandwich_subnets
+from alphanet_jax.search_space import SearchSpace, get_space
 from alphanet_jax import supernet as supernet_lib
 from alphanet_jax.supernet import EncodedSubnet, Supernet, encode
 

@@ -108,11 +108,11 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from alphanet_jax import flops, mesh as mesh_lib, search_space as ss, train
+    from alphanet_jax import flops, mesh as mesh_lib, sampling, search_space as ss, spaces, train
     from alphanet_jax.supernet import encode
     from configs import common
 
-    config = common.base_config(args.space if args.space in ss.SPACES else "alphanet", "digits")
+    config = common.base_config(args.space if args.space in spaces.SPACES else "alphanet", "digits")
     config.model.dtype = args.dtype
     config.model.sync_bn = args.sync_bn
     config.model.skip_inactive_blocks = args.skip_inactive_blocks
@@ -137,7 +137,7 @@ def main() -> None:
     data = jax.device_put({"image": images, "label": labels}, mesh_lib.batch_sharding(mesh))
 
     def subnets_for(i: int, res: int | None = None):
-        subs = ss.sandwich_subnets(space, args.seed, i, args.num_arch_training)
+        subs = sampling.sandwich_subnets(space, args.seed, i, args.num_arch_training)
         if res is not None:  # warm-up: make every resolution appear in the student slots
             subs = [subs[0]] + [s.replace(resolution=res) for s in subs[1:-1]] + [subs[-1]]
         return subs

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from alphanet_jax import data, search, search_space
+from alphanet_jax import data, search, spaces
 
 
 def parse_arg(arg, **defaults):
@@ -24,7 +24,7 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c = ml_collections.ConfigDict()
     c.run = "train"  # comma-separated: train, evaluate, search, export
     c.seed = 0
-    c.space = ml_collections.ConfigDict(search_space.SPACES[space])
+    c.space = ml_collections.ConfigDict(spaces.SPACES[space])
 
     c.data = data.default_config(data_source)
     c.data_prefetch = 2  # batches decoded ahead in a background thread (0: off)

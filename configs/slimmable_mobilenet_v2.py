@@ -5,7 +5,7 @@ second experiment, on US-Nets' space).
       --config.data.root=/path/to/imagenet        # ImageFolder: train/<class>/*.JPEG, val/<class>/*
   python launch.py --config=configs/slimmable_mobilenet_v2.py:digits --workdir=/tmp/slim-digits   # CPU, minutes
 
-The space (`search_space.SLIMMABLE_MOBILENET_V2_SPACE`): MobileNetV2 at 224 with ONE width multiplier
+The space (`spaces.SLIMMABLE_MOBILENET_V2_SPACE`): MobileNetV2 at 224 with ONE width multiplier
 m in [0.35, 1.0] (US-Nets' 27 widths, step 0.025) scaling every layer, channels make_divisible(c x m, 8),
 the last 1x1 conv fixed at 1280: 300.77 MFLOPs / 3.50 M params at 1.0x, 59.29 MFLOPs at 0.35x. Per-width
 BN statistics come from post-training calibration (`evaluate` / `search` / `export` calibrate each

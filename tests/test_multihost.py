@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from alphanet_jax.search_space import get_space, sandwich_subnets
+from alphanet_jax.sampling import sandwich_subnets
+from alphanet_jax.search_space import get_space
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 NPROC = 2

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alphanet_jax import export, flops, layers, search_space as ss, supernet
+from alphanet_jax import errors, export, flops, layers, presets, sampling, search_space as ss, spaces, supernet
+from alphanet_jax.resolve import resolve
 
 TINY = ss.get_space("tiny")
 ALPHA = ss.get_space("alphanet")
@@ -62,7 +63,7 @@ def _compare(space, variables, subnets, train, x, rtol):
 @pytest.mark.parametrize("train", [False, True])
 def test_masked_equals_static_tiny(tiny_vars, train):
     rng = random.Random(7)
-    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(20)]
+    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(20)]
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
     _compare(TINY, tiny_vars, subnets, train, x, rtol=1e-5)
 
@@ -70,7 +71,7 @@ def test_masked_equals_static_tiny(tiny_vars, train):
 @pytest.mark.slow
 def test_masked_equals_static_alphanet_eval(alpha_vars):
     rng = random.Random(11)
-    subnets = [ss.preset("a0"), ss.preset("a6")] + [ss.sample_subnet(ALPHA, rng) for _ in range(8)]  # ~4 s each
+    subnets = [presets.preset("a0"), presets.preset("a6")] + [sampling.sample_subnet(ALPHA, rng) for _ in range(8)]  # ~4 s each
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 3))
     worst = _compare(ALPHA, alpha_vars, subnets, False, x, rtol=1e-4)
     print(f"largest relative masked-vs-static difference (eval): {worst:.2e}")
@@ -79,7 +80,7 @@ def test_masked_equals_static_alphanet_eval(alpha_vars):
 @pytest.mark.slow
 def test_masked_equals_static_alphanet_train(alpha_vars):
     rng = random.Random(12)
-    subnets = [ss.sample_subnet(ALPHA, rng).replace(resolution=192) for _ in range(5)] + [ss.preset("a0")]
+    subnets = [sampling.sample_subnet(ALPHA, rng).replace(resolution=192) for _ in range(5)] + [presets.preset("a0")]
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 3))
     worst = _compare(ALPHA, alpha_vars, subnets, True, x, rtol=1e-4)
     print(f"largest relative masked-vs-static difference (train): {worst:.2e}")
@@ -98,7 +99,7 @@ def test_one_program_per_resolution_over_many_subnets(tiny_vars):
     x = jnp.ones((2, 32, 32, 3))
     seen = set()
     while len(seen) < 12:
-        s = ss.sample_subnet(TINY, rng).replace(resolution=24)
+        s = sampling.sample_subnet(TINY, rng).replace(resolution=24)
         seen.add(s)
         f(tiny_vars, x, supernet.encode(s, TINY))
     assert len(traces) == 1 and f._cache_size() == 1
@@ -111,7 +112,7 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
     w = jax.random.normal(jax.random.PRNGKey(1), (4, TINY.num_classes))
     g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**tiny_vars, "params": p}, x, s, train=True) * w)))(
         tiny_vars["params"])
-    rs = ss.resolve(s, TINY)
+    rs = resolve(s, TINY)
     active = {b.index: b for b in rs.blocks}
     for b in TINY.blocks:
         gb = g[f"block{b.index}"]
@@ -140,9 +141,9 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
 def test_inactive_channels_stay_zero(tiny_vars, train):
     rng = random.Random(5)
     for _ in range(10):
-        s = ss.sample_subnet(TINY, rng)
+        s = sampling.sample_subnet(TINY, rng)
         enc = supernet.encode(s, TINY)
-        rs = ss.resolve(s, TINY)
+        rs = resolve(s, TINY)
         for a in rs.blocks:
             b = TINY.blocks[a.index]
             x = jax.random.normal(jax.random.PRNGKey(a.index), (2, 8, 8, b.max_in))
@@ -222,7 +223,7 @@ def test_drop_connect_rates_follow_global_index():
 
 
 def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
-    s = ss.sample_subnet(TINY, random.Random(9))
+    s = sampling.sample_subnet(TINY, random.Random(9))
     m, sv = export.extract_subnet(tiny_vars, s, TINY)
     export.save_subnet(str(tmp_path / "net"), m, sv)
     m2, sv2 = export.load_subnet_model(str(tmp_path / "net"))
@@ -235,7 +236,7 @@ def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
     with pytest.raises(ValueError, match="do not fit the subnet"):
         export.load_subnet_model(str(tmp_path / "net"))
     cfg_path.write_text(json.dumps(dict(meta, subnet=dict(meta["subnet"], resolution=999))))
-    with pytest.raises(ss.SearchSpaceError, match="resolution 999"):
+    with pytest.raises(errors.SearchSpaceError, match="resolution 999"):
         export.load_subnet_model(str(tmp_path / "net"))
     with pytest.raises(FileNotFoundError, match="not an exported subnet"):
         export.load_subnet_model(str(tmp_path / "nothing"))
@@ -245,7 +246,7 @@ def test_bad_inputs_give_clear_errors(tiny_vars):
     model = supernet.Supernet(space=TINY)
     with pytest.raises(ValueError, match="channels"):
         model.apply(tiny_vars, jnp.ones((1, 32, 32, 1)), TINY.min_subnet())
-    with pytest.raises(ss.SearchSpaceError, match="resolution"):
+    with pytest.raises(errors.SearchSpaceError, match="resolution"):
         model.apply(tiny_vars, jnp.ones((1, 32, 32, 3)), TINY.min_subnet().replace(resolution=40))
 
 
@@ -289,7 +290,7 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
 
     fa, fb = _train_grads(base, tiny_vars, x, w), _train_grads(other, tiny_vars, x, w)
     rng = random.Random(5)
-    for s in [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(4)]:
+    for s in [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(4)]:
         enc = supernet.encode(s, TINY)
         (ga, (za, sa)), (gb, (zb, sb)) = fa(tiny_vars["params"], enc), fb(tiny_vars["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5)
@@ -299,8 +300,8 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
 
 # A tiny space with deep stages, so that `scan_blocks` has groups of several blocks to scan (and
 # groups that mix always-run and depth-optional positions).
-DEEP = ss.get_space(dict(ss.TINY_SPACE, name="tiny_deep", stages=[
-    dict(st, depths=[1, 2, 3, 4]) if i != 1 else dict(st, depths=[2, 4]) for i, st in enumerate(ss.TINY_SPACE["stages"])]))
+DEEP = ss.get_space(dict(spaces.TINY_SPACE, name="tiny_deep", stages=[
+    dict(st, depths=[1, 2, 3, 4]) if i != 1 else dict(st, depths=[2, 4]) for i, st in enumerate(spaces.TINY_SPACE["stages"])]))
 
 
 def test_block_groups_scan_each_stages_same_shape_blocks():
@@ -326,7 +327,7 @@ def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, 
     unrolled, scanned = (_train_grads(supernet.Supernet(space=DEEP, skip_inactive=skip_inactive, remat=remat,
                                                         scan_blocks=scan), variables, x, w) for scan in (False, True))
     rng = random.Random(7)
-    for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [ss.sample_subnet(DEEP, rng) for _ in range(2)]:
+    for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(2)]:
         enc = supernet.encode(s, DEEP)
         (ga, (za, sa)), (gb, (zb, sb)) = unrolled(variables["params"], enc), scanned(variables["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
@@ -339,7 +340,7 @@ def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
     """Widths [12, 20] into an expand ratio of 5: the hidden width is make_divisible(100, 8) = 104, so the
     supernet's tensor must be 104 wide (it was round(20 x 5) = 100, silently truncating the active width
     while FLOPs counted 104); the masked supernet still equals the static subnet."""
-    d = json.loads(json.dumps(ss.TINY_SPACE))
+    d = json.loads(json.dumps(spaces.TINY_SPACE))
     d["name"] = "odd_widths"
     d["stages"][0]["widths"] = [12, 20]
     d["stages"][1]["expand_ratios"] = [5]
@@ -347,7 +348,7 @@ def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
     block = space.blocks[space.stage_blocks(1)[0]]
     assert (block.max_in, block.max_mid) == (20, 104)
     for s in (space.max_subnet(), space.min_subnet()):
-        for b in ss.resolve(s, space).blocks:
+        for b in resolve(s, space).blocks:
             assert b.mid <= space.blocks[b.index].max_mid and b.se_mid <= space.blocks[b.index].max_se
     variables = _lively(supernet.init_variables(space, seed=3), space)
     x = jax.random.normal(jax.random.PRNGKey(6), (2, 24, 24, 3))

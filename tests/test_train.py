@@ -33,7 +33,8 @@ if str(ROOT) not in sys.path:  # `configs` is a directory of the repo, not an in
 from alphanet_jax import losses  # noqa: E402
 from alphanet_jax import mesh as mesh_lib  # noqa: E402
 from alphanet_jax import train  # noqa: E402
-from alphanet_jax.search_space import get_space, sandwich_subnets  # noqa: E402
+from alphanet_jax.sampling import sandwich_subnets  # noqa: E402
+from alphanet_jax.search_space import get_space  # noqa: E402
 from alphanet_jax.supernet import Supernet, encode  # noqa: E402
 from configs import alphanet as alphanet_config  # noqa: E402
 from configs import quickstart  # noqa: E402
