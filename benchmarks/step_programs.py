@@ -17,7 +17,8 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # the package and configs/; train_step.build
 
 
 def parse() -> argparse.Namespace:
@@ -40,33 +41,17 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from alphanet_jax import mesh as mesh_lib, search_space as ss, train
+    from alphanet_jax import sampling
     from alphanet_jax.supernet import encode
-    from configs import common
+    from train_step import build
 
-    config = common.base_config(args.space if args.space in ss.SPACES else "alphanet", "digits")
-    config.model.dtype = args.dtype
-    config.model.skip_inactive_blocks = args.skip_inactive_blocks
-    config.model.depthwise_impl = args.depthwise_impl
-    config.model.scan_blocks = args.scan_blocks
-    space = ss.get_space(config.space)
-    mesh = mesh_lib.make_mesh(-1)
-    batch = args.batch_per_device * mesh.devices.size
-    config.batch_size = batch
-    model = train.make_model(config, space)
-    tx = train.make_optimizer(config, train.learning_rate_fn(config, 10_000, 100))
-    state, _ = train.create_state(model, tx, args.seed, mesh)
-    step = train.SandwichStep(model, tx, config, mesh)
-    rng = np.random.default_rng(args.seed)
-    data = mesh_lib.to_global({
-        "image": rng.normal(size=(batch, args.image_size, args.image_size, space.in_channels)).astype(np.float32),
-        "label": rng.integers(0, space.num_classes, batch).astype(np.int32)}, mesh)
+    args.static_min = "true"
+    config, space, mesh, model, tx, state, step, data = build(args)
     images, labels = data["image"], data["label"]
     params, bs = state["params"], state["batch_stats"]
     key = jax.random.PRNGKey(0)
     resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else list(space.resolutions)
-    pyrng = ss.step_rng(args.seed, 0)
-    random_subnet = ss.sample_subnet(space, pyrng)
+    random_subnet = sampling.sample_subnet(space, sampling.step_rng(args.seed, 0))
 
     def timed(fn):
         """(compile + first run s, median s of the repeats) of fn()."""
