@@ -44,6 +44,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("sandwich.distill", lambda v: v in train.DISTILL_LOSSES, f"one of {train.DISTILL_LOSSES}"),
     ("model.scan_blocks", lambda v: isinstance(v, bool) or str(v).lower() in supernet.SCAN_BLOCKS_VALUES,
      "True, False or 'auto'"),
+    ("model.skip_inactive_blocks",
+     lambda v: isinstance(v, bool) or str(v).lower() in supernet.SKIP_INACTIVE_VALUES, "True, False or 'auto'"),
     ("mesh.data", lambda v: _is_int(v) and (v >= 1 or v in (-1, 0)), "-1 (all devices) or a device count >= 1"),
 )
 

@@ -112,14 +112,15 @@ def compute_dtype(name: str) -> Any:
 
 def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_training: bool = True) -> Supernet:
     m = config.model
+    scan = supernet_lib.resolve_scan_blocks(m.scan_blocks)
     if m.depthwise_impl not in layers.DEPTHWISE_IMPLS:
         raise errors.ConfigError(f"model.depthwise_impl must be one of {layers.DEPTHWISE_IMPLS}, got "
                                  f"{m.depthwise_impl!r}")
     return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
-                    skip_inactive=m.skip_inactive_blocks, remat=m.remat, depthwise_impl=m.depthwise_impl,
-                    scan_blocks=supernet_lib.resolve_scan_blocks(m.scan_blocks))
+                    skip_inactive=supernet_lib.resolve_skip_inactive(m.skip_inactive_blocks, scan),
+                    remat=m.remat, depthwise_impl=m.depthwise_impl, scan_blocks=scan)
 
 
 def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array, Array], Array]:

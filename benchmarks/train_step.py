@@ -42,7 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     p.add_argument("--num_arch_training", type=int, default=4)
-    p.add_argument("--skip_inactive_blocks", action="store_true", help="lax.cond over depth-inactive blocks")
+    p.add_argument("--skip_inactive_blocks", action="store_true", help="compute no depth-inactive block (model.skip_inactive_blocks)")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     p.add_argument("--depthwise_impl", default="auto",
                    help="auto | xla | shift | taps (see layers.depthwise; auto: taps on CPU, xla elsewhere)")
@@ -115,7 +115,7 @@ def build(args: argparse.Namespace):
     config = common.base_config(args.space if args.space in spaces.SPACES else "alphanet", "digits")
     config.model.dtype = args.dtype
     config.model.sync_bn = getattr(args, "sync_bn", False)
-    config.model.skip_inactive_blocks = args.skip_inactive_blocks
+    config.model.skip_inactive_blocks = "true" if args.skip_inactive_blocks else "false"
     config.model.remat = getattr(args, "remat", False)
     config.model.depthwise_impl = args.depthwise_impl
     config.model.scan_blocks = args.scan_blocks

@@ -17,6 +17,7 @@ def get_config(arg=None):
     a = common.parse_arg(arg, tfds=False, hw="gpu")
     c = common.base_config("alphanet", "tfds" if a["tfds"] else "imagefolder")
     common.apply_hardware(c, a["hw"])
+    c.model.skip_inactive_blocks = "auto"  # a long run: a faster step is worth a slower compile (common.py)
     c.checkpoint.every_steps = 625  # about one epoch at batch 2048
     c.eval.every_steps = 625 * 10
     c.eval.calib_batch_size = 256

@@ -44,15 +44,18 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # The min subnet runs sliced at its own widths in a program of its own (the same logits and gradients as
     # the masked program, a fraction of its work); False runs it masked in its resolution's program.
     c.sandwich.static_min = True
-    # skip_inactive_blocks: lax.cond skips depth-inactive blocks (saves work on accelerators; on CPU, with
-    # the taps depthwise and scanned blocks, the step measured 7 % slower with it, benchmarks/RESULTS.md).
+    # skip_inactive_blocks: 'true' computes depth-inactive blocks not at all (scanned blocks: a loop over each
+    # stage's active blocks, layers.prefix_scan; unscanned: lax.cond per block) instead of computing and
+    # discarding them; 'auto': on CPU with scanned blocks only. On the 2-core CPU (AlphaNet, fp32, batch 8) the
+    # sandwich step measured 5 % faster but compiled 50 % longer (benchmarks/RESULTS.md): off here, for short
+    # runs and tests; configs/alphanet.py (long runs) sets 'auto'.
     # remat: recompute block activations in the backward pass (jax.checkpoint per block): less device
     # memory for about one extra forward per subnet; for large per-device batches.
     # depthwise_impl: 'auto' ('taps' on CPU, 'xla' elsewhere), 'xla' (grouped convolution), 'shift' or
     # 'taps' (k*k shifted slices, autodiff or hand-written backward; see layers.depthwise).
     # scan_blocks: 'auto' (True on CPU, False elsewhere): each stage's same-shape blocks run as one
     # lax.scan body, a smaller program that compiles faster (supernet.forward).
-    c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks=False,
+    c.model = ml_collections.ConfigDict(dict(dtype="auto", bn_eps=1e-5, sync_bn=False, skip_inactive_blocks="false",
                                              remat=False, depthwise_impl="auto", scan_blocks="auto"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1))  # devices on the data axis (-1: all)

@@ -281,6 +281,8 @@ RUN_CASES = [
     ("an unknown distillation", {"sandwich.distill": "kld"}, errors.ConfigError, r"sandwich.distill = 'kld'"),
     ("an empty search window", {"search.flops_min": 5.0, "search.flops_max": 1.0}, errors.ConfigError,
      r"search: empty FLOPs window"),
+    ("an unknown depth-skipping choice", {"model.skip_inactive_blocks": "sometimes"}, errors.ConfigError,
+     r"model.skip_inactive_blocks = 'sometimes'"),
 ]
 
 

@@ -306,13 +306,19 @@ DEEP = ss.get_space(dict(spaces.TINY_SPACE, name="tiny_deep", stages=[
 
 def test_block_groups_scan_each_stages_same_shape_blocks():
     groups = supernet.block_groups(DEEP)
-    assert [[b.index for b in g] for g in groups] == [[0], [1, 2, 3], [4], [5, 6, 7], [8], [9, 10, 11]]
-    for g in groups[1::2]:
+    # Stage 1 (depths 2, 4): block 5 runs in every subnet, 6 and 7 are depth-optional.
+    assert [[b.index for b in g] for g in groups] == [[0], [1, 2, 3], [4], [5], [6, 7], [8], [9, 10, 11]]
+    for g in groups:
         assert len({(b.stride, b.max_in, b.max_out, b.max_mid, b.max_kernel, b.se) for b in g}) == 1
     assert supernet.resolve_scan_blocks("auto") is (jax.default_backend() == "cpu")
     assert supernet.resolve_scan_blocks("False") is False and supernet.resolve_scan_blocks(True) is True
     with pytest.raises(ValueError, match="scan_blocks"):
         supernet.resolve_scan_blocks("sometimes")
+    assert supernet.resolve_skip_inactive("auto", True) is (jax.default_backend() == "cpu")
+    assert supernet.resolve_skip_inactive("auto", False) is False
+    assert supernet.resolve_skip_inactive("true", False) is True and supernet.resolve_skip_inactive(False, True) is False
+    with pytest.raises(ValueError, match="skip_inactive_blocks"):
+        supernet.resolve_skip_inactive("sometimes", True)
 
 
 @pytest.mark.parametrize("skip_inactive,remat", [(False, False)])
@@ -353,3 +359,40 @@ def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
     variables = _lively(supernet.init_variables(space, seed=3), space)
     x = jax.random.normal(jax.random.PRNGKey(6), (2, 24, 24, 3))
     _compare(space, variables, [space.max_subnet(), space.min_subnet()], False, x, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_depth_skipping_loop_gives_the_same_logits_and_gradients(remat):
+    """With scanned blocks, `skip_inactive` runs a stage's depth-optional blocks as a loop over the
+    active ones only (`layers.prefix_scan`, its own backward): train-mode logits and gradients (dropout
+    and drop-connect on) and eval-mode logits equal those of the network that computes every block and
+    discards the inactive ones, for subnets of every depth. Tolerance as the scanned-blocks test."""
+    variables = _lively(supernet.init_variables(DEEP, seed=3), DEEP)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, DEEP.num_classes))
+    models = [supernet.Supernet(space=DEEP, skip_inactive=skip, remat=remat and skip, scan_blocks=True)
+              for skip in (False, True)]
+
+    def grads(model):
+        @jax.jit
+        def f(params, enc):
+            def loss(p):
+                z = model.apply({**variables, "params": p}, x, enc, train=True, dropout_rate=0.3,
+                                drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)})
+                return jnp.sum(z * w), z
+            return jax.grad(loss, has_aux=True)(params)
+        return f
+
+    evals = [jax.jit(lambda v, enc, m=m: m.apply(v, x, enc)) for m in models]
+    full, looped = (grads(m) for m in models)
+    rng = random.Random(11)
+    subnets = [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(3)]
+    assert len({tuple(s.depth) for s in subnets}) >= 4
+    for s in subnets:
+        enc = supernet.encode(s, DEEP)
+        (ga, za), (gb, zb) = full(variables["params"], enc), looped(variables["params"], enc)
+        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
+        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+        ea, eb = (np.asarray(e(variables, enc)) for e in evals)
+        np.testing.assert_allclose(eb, ea, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ea).max())))
