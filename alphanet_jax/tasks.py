@@ -146,7 +146,7 @@ def search_task(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         presets = search_lib.evaluate_presets(evaluate_fn, space)
     cfg = {k: v for k, v in s.to_dict().items() if k != "calib_batches"}
     log(f"evolutionary search on {weights['description']} (weights {context['weights']['fingerprint'][:12]}): "
-         f"{s.evo_iter} generations, window [{s.flops_min}, {s.flops_max}] MFLOPs")
+        f"{s.evo_iter} generations, window [{s.flops_min}, {s.flops_max}] MFLOPs")
     front = search_lib.run_search(evaluate_fn, space, cfg, os.path.join(workdir, "search"),
                                   preset_results=presets, context=context)
     rows = [dict(r, name=f"pareto {i}") for i, r in enumerate(front)]
@@ -196,8 +196,8 @@ def export_task(config: ml_collections.ConfigDict, workdir: str) -> str:
         export_lib.save_subnet(directory, static, jax.device_get(sliced), extra={
             "weights": source, "mflops": count_flops(subnet, space), "top1": row["top1"], "top5": row["top5"]})
     log(f"exported {subnet.to_json()} ({count_flops(subnet, space):.2f} MFLOPs, "
-         f"{count_params(subnet, space):,} params, top-1 {row['top1']:.2f}%) to {directory}\n"
-         f"load it with: alphanet_jax.export.load_subnet_model({directory!r})")
+        f"{count_params(subnet, space):,} params, top-1 {row['top1']:.2f}%) to {directory}\n"
+        f"load it with: alphanet_jax.export.load_subnet_model({directory!r})")
     return directory
 
 

@@ -453,9 +453,11 @@ def calibrate_and_evaluate(config, model_eval: Supernet, variables: dict, mesh,
 
 
 def itstime(done: int, every: int, total: int, last: bool = True) -> bool:
-    """Whether a periodic action runs after `done` of `total` steps: every `every` steps (0: never) and,
-    with `last`, after the last step (big_vision's `itstime`)."""
-    return (every > 0 and done % every == 0) or (last and done == total)
+    """Whether a periodic action runs after `done` of `total` steps: every `every` steps (0: never) before
+    the last one, and after the last one if `last` (big_vision's `itstime`)."""
+    if done == total:
+        return last
+    return every > 0 and done % every == 0
 
 
 def stop_check_due(config: ml_collections.ConfigDict, done: int, total: int, process_count: int,

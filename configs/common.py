@@ -130,21 +130,21 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
 def digits_quickstart(space: str, steps: int) -> ml_collections.ConfigDict:
     """The whole pipeline on the bundled 8x8 digits, upsampled to 24x24, sized for a 2-core CPU."""
     c = base_config(space, "digits")
-    c.run = "train,evaluate,search,export"
-    c.model.dtype = "float32"
+    c.run = "train,evaluate,search,export"  # the whole pipeline in one command
+    c.model.dtype = "float32"  # the same numbers on any hardware
     c.batch_size = 64
-    c.total_steps = steps
+    c.total_steps = steps  # digits has no epochs worth counting: ~1500 training images
     c.warmup_steps = 30
-    c.optim.base_lr = 0.1
-    c.data.num_workers = 2
-    c.data.image_size = 24
+    c.optim.base_lr = 0.1  # batch 64 < lr_batch_unit: not scaled
+    c.data.num_workers = 2  # the 2-core box it is sized for
+    c.data.image_size = 24  # 8x8 digits upsampled
     c.data.resize_size = 28
     c.data.augment = "none"  # flips and AutoAugment change what a digit means
-    c.data.crop_scale = (0.6, 1.0)
+    c.data.crop_scale = (0.6, 1.0)  # crops that keep most of the digit
     c.checkpoint.every_steps = 200
     c.log_every_steps = 50
-    c.eval.every_steps = 0
-    c.eval.calib_batches = 8
+    c.eval.every_steps = 0  # only at the end
+    c.eval.calib_batches = 8  # 512 images calibrate a tiny supernet
     c.eval.calib_batch_size = 64
     c.eval.batch_size = 64
     c.search.calib_batches = 8
