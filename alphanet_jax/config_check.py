@@ -26,7 +26,7 @@ _MISSING = object()
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     *((k, lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in (
         "batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "max_consecutive_bad_steps",
-        "optim.lr_batch_unit", "eval.batch_size", "eval.calib_batch_size", "eval.calib_batches",
+        "stop_check_every", "optim.lr_batch_unit", "eval.batch_size", "eval.calib_batch_size", "eval.calib_batches",
         "search.calib_batches")),
     *((k, lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)") for k in ("eval.every_steps",
                                                                                    "data_prefetch")),

@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from alphanet_jax import checkpoint as ckpt_lib
+from alphanet_jax.console import log
 from alphanet_jax import data as data_lib
 from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
@@ -301,9 +302,7 @@ class SandwichStep:
         return enc.resolution == mine.resolution and all(
             np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(enc), jax.tree.leaves(mine)))
 
-    def _update(self, state, grads, poison):
-        # `poison` (fault injection for tests) turns this step's gradients into NaN.
-        grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
+    def _update(self, state, grads):
         # The statistics on one concatenated vector: per-leaf reductions made this program ~3x
         # slower to compile (hundreds of tiny kernels; 469 leaves for AlphaNet).
         flat = jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grads)])
@@ -330,8 +329,8 @@ class SandwichStep:
         zeros = jax.tree.map(jnp.zeros_like, grads)
         return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}, zeros
 
-    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array,
-                 poison: bool = False) -> tuple[dict, dict]:
+    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array
+                 ) -> tuple[dict, dict]:
         images, labels = batch["image"], batch["label"]
         params, bs = state["params"], state["batch_stats"]
         grads, teacher, m = self.max_subnet(params, bs, images, labels, encs[0], rng)
@@ -340,7 +339,7 @@ class SandwichStep:
             grads, m = self.student(params, bs, grads, images, labels, teacher, enc, rng)
             role = "min" if i == len(encs) - 1 else f"random{i}"
             metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
-        state, m, self._zero_grads = self.update_fn(state, grads, jnp.asarray(poison))
+        state, m, self._zero_grads = self.update_fn(state, grads)
         metrics.update(m)
         return state, metrics
 
@@ -369,7 +368,7 @@ class SandwichStep:
         if self.static_min:
             out[f"min subnet @ {self.min_config.resolution} (static)"] = functools.partial(
                 self.min_fn.lower, params, bs, grads, images, labels, teacher)
-        out["update"] = lambda: self.update_fn.lower(state, grads, jnp.asarray(False))
+        out["update"] = lambda: self.update_fn.lower(state, grads)
         return out
 
     def precompile(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array,
@@ -485,28 +484,61 @@ def _fmt_progress(step: int, total: int, s: Mapping[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Validation during training
+# BN calibration and evaluation (during training, and the evaluate / search / export tasks)
 # ----------------------------------------------------------------------------
 
 
-def validate(config, model_eval: Supernet, variables: dict, mesh, subnets: Mapping[str, Any]) -> dict:
-    """BN calibration + evaluation of named subnets (spec §6.6); returns {name: row}."""
+def eval_iterators(config: ml_collections.ConfigDict, local: bool = False) -> tuple[Callable, Callable]:
+    """Factories of fresh (calibration, evaluation) iterators with the `eval` section's batch sizes and
+    seed: each host reads its share of the global batches, or (`local`) the whole of them, for an
+    evaluation on this host's devices alone."""
     e = config.eval
-    pi, pc = jax.process_index(), jax.process_count()
-    out = {}
-    for name, subnet in subnets.items():
-        calib = data_lib.make_calibration_iterator(config.data, batch_size=e.calib_batch_size // pc,
-                                                   seed=e.calib_seed, process_index=pi, process_count=pc)
-        evals = data_lib.make_eval_iterator(config.data, batch_size=e.batch_size // pc, process_index=pi,
-                                            process_count=pc)
-        out[name] = eval_lib.calibrate_and_evaluate(model_eval, variables, subnet, calib, evals, mesh=mesh,
-                                                    num_calib_batches=e.calib_batches)
-    return out
+    pi, pc = (0, 1) if local else (jax.process_index(), jax.process_count())
+
+    def calib():
+        return data_lib.make_calibration_iterator(config.data, batch_size=e.calib_batch_size // pc,
+                                                  seed=e.calib_seed, process_index=pi, process_count=pc)
+
+    def evals():
+        return data_lib.make_eval_iterator(config.data, batch_size=e.batch_size // pc, process_index=pi,
+                                           process_count=pc)
+
+    return calib, evals
+
+
+def calibrate_and_evaluate(config, model_eval: Supernet, variables: dict, mesh,
+                           subnets: Sequence[tuple[str, Any]]) -> list[dict]:
+    """BN calibration on `eval.calib_batches` batches, then evaluation, of each named subnet (spec §6.6);
+    returns one row per (name, subnet), with its name."""
+    calib, evals = eval_iterators(config)
+    return [dict(eval_lib.calibrate_and_evaluate(model_eval, variables, subnet, calib(), evals(), mesh=mesh,
+                                                 num_calib_batches=config.eval.calib_batches), name=name)
+            for name, subnet in subnets]
 
 
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
+
+
+def itstime(done: int, every: int, total: int, last: bool = True) -> bool:
+    """Whether a periodic action runs after `done` of `total` steps: every `every` steps (0: never) before
+    the last one, and after the last one if `last` (big_vision's `itstime`)."""
+    if done == total:
+        return last
+    return every > 0 and done % every == 0
+
+
+def stop_check_due(config: ml_collections.ConfigDict, done: int, total: int, process_count: int,
+                   host_waits: bool) -> bool:
+    """Whether the processes exchange their stop flags (SIGTERM) after `done` steps.
+
+    The exchange waits for the device to finish the step, so a multi-host run does it only every
+    `stop_check_every` steps, after the last one, and where the host waits anyway (`host_waits`: a
+    log, save or validation step); the answer depends on nothing a process sees alone, so all
+    processes exchange at the same steps and stop at the same one. A single process reads its own
+    flag after every step (no exchange, no wait)."""
+    return process_count == 1 or host_waits or itstime(done, config.stop_check_every, total)
 
 
 def resolve_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
@@ -560,8 +592,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = pi == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
 
     model = make_model(config, space)
     data_state = None
@@ -574,14 +605,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = learning_rate_fn(config, total_steps, warmup_steps)
     tx = make_optimizer(config, lr)
     meta = checkpoint_meta(config, space)
-    log = print if is_main else (lambda *a, **k: None)
     # Opened once the schedule and batch size are accepted: a rejected one leaves no Orbax thread behind.
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save)
-    found = ck.restore_newest(abstract_state(model, tx, mesh), meta, log=lambda m: log(m, flush=True))
+    found = ck.restore_newest(abstract_state(model, tx, mesh), meta, log=log)
     if found is not None:
         start, state, data_state, _ = found
-        logging.info("resumed from %s/checkpoints/%d", workdir, start)
+        log(f"resumed from {workdir}/checkpoints/{start}")
     else:
         state, _ = create_state(model, tx, config.seed, mesh)
     first_step = int(jax.device_get(state["step"]))
@@ -597,7 +627,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log(f"training {space.name!r} supernet: {total_steps} steps ({steps_per_epoch}/epoch), global batch "
         f"{config.batch_size} on {mesh.devices.size} devices x {pc} processes, start at step {first_step}")
     base_key = jax.random.PRNGKey(config.seed)
-    nan_steps = set(config.get("debug_nan_steps", ()))  # fault injection (tests only)
     summary: dict[str, Any] = {}
     last_metrics: dict[str, float] = {}
     t_last, n_last = time.perf_counter(), 0
@@ -613,40 +642,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t_compile = time.perf_counter()
                 secs = step_fn.precompile(state, batch, step_encodings(space), rng)
                 log(f"compiled {len(secs)} programs in {time.perf_counter() - t_compile:.1f} s "
-                    f"(slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)", flush=True)
-            state, metrics = step_fn(state, batch, encs, rng, poison=step in nan_steps)
+                    f"(slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)")
+            state, metrics = step_fn(state, batch, encs, rng)
             n_last += 1
             done = step + 1
-            if done % config.log_every_steps == 0 or done == total_steps:
+            log_now = itstime(done, config.log_every_steps, total_steps)
+            eval_now = itstime(done, config.eval.every_steps, total_steps, last=False) and info["num_val"] > 0
+            save_now = itstime(done, config.checkpoint.every_steps, total_steps)
+            if log_now:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = (time.perf_counter() - t_last) / n_last
                 m.update(lr=float(lr(step)), step_time=dt, images_per_sec=config.batch_size / dt,
                          skipped=int(state["skipped"]), compiled_programs=step_fn.num_compiled())
                 t_last, n_last = time.perf_counter(), 0
                 writer.write(done, m)
-                log(_fmt_progress(done, total_steps, m), flush=True)
+                log(_fmt_progress(done, total_steps, m))
                 last_metrics = m
                 _check_bad_streak(config, state, ck)
                 if done >= config.log_every_steps * 3 and compiled_after_warmup is None:
                     compiled_after_warmup = step_fn.num_compiled()
-            if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < total_steps \
-                    and info["num_val"] > 0:
-                _validate_and_log(config, model_eval, state, mesh, space, writer, done, log)
+            if eval_now:
+                _evaluate_and_log(config, model_eval, state, mesh, space, writer, done)
             # Every process must stop (and save) at the same step: SIGTERM may reach the hosts of a
             # multi-host run at different steps, or only some of them.
-            interrupted = mesh_lib.any_process(stop["signal"] is not None)
-            save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or interrupted
-            if save_now:
+            if stop_check_due(config, done, total_steps, pc, host_waits=log_now or eval_now or save_now):
+                interrupted = mesh_lib.any_process(stop["signal"] is not None)
+            if save_now or interrupted:
                 _check_bad_streak(config, state, ck)  # never save a run that has stopped
                 ck.save(done, state, batches.get_state(), meta)
             if interrupted:
-                log(f"SIGTERM: saved step {done}, exiting", flush=True)
+                log(f"SIGTERM: saved step {done}, exiting")
                 break
         ck.wait()
         summary = dict(last_metrics, steps=int(state["step"]), compiled_programs=step_fn.num_compiled(),
                        compiled_after_warmup=compiled_after_warmup)
         if not interrupted and config.eval.at_end and info["num_val"] > 0:
-            summary["eval"] = _validate_and_log(config, model_eval, state, mesh, space, writer, total_steps, log)
+            summary["eval"] = _evaluate_and_log(config, model_eval, state, mesh, space, writer, total_steps)
     finally:
         signal.signal(signal.SIGTERM, previous)
         ck.close()
@@ -672,11 +703,13 @@ def _check_bad_streak(config: ml_collections.ConfigDict, state: dict, ck: ckpt_l
             f"(step {ck.latest_step()}) holds only finite values")
 
 
-def _validate_and_log(config, model_eval, state, mesh, space, writer, step, log) -> dict:
+def _evaluate_and_log(config, model_eval, state, mesh, space, writer, step) -> dict:
+    """Calibrates and evaluates the min and max subnets; logs and returns {name: row}."""
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    rows = validate(config, model_eval, variables, mesh, {"min": space.min_subnet(), "max": space.max_subnet()})
+    rows = {r["name"]: r for r in calibrate_and_evaluate(config, model_eval, variables, mesh,
+                                                        [("min", space.min_subnet()), ("max", space.max_subnet())])}
     writer.write(step, {f"val/{k}/top1": r["top1"] for k, r in rows.items()} |
                  {f"val/{k}/top5": r["top5"] for k, r in rows.items()})
     log(" | ".join(f"val {k}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% ({r['mflops']:.1f} MFLOPs)"
-                   for k, r in rows.items()), flush=True)
+                   for k, r in rows.items()))
     return rows

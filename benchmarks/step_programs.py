@@ -83,7 +83,7 @@ def main() -> None:
         first, med = timed(lambda: step.subnet_fn(params, bs, grads, images, labels, teacher, enc, key,
                                                   np.bool_(False)))
         rows.append((f"min @ {min_net.resolution} (masked)", first, med))
-    first, med = timed(lambda: step.update_fn(state, grads, np.bool_(False)))
+    first, med = timed(lambda: step.update_fn(state, grads))
     rows.append(("update", first, med))
 
     print(f"sandwich step programs, {space.name}, {args.dtype}, per-device batch {args.batch_per_device}, "

@@ -21,18 +21,17 @@ jitter and lighting noise are not in the pipeline. Arguments after the colon:
   :digits          the whole pipeline (train, evaluate, search, export) on scikit-learn's digits with
                    the tiny slimmable space (resolution 24, multipliers 0.35/0.5/0.75/1.0); steps=N
   :tfds            read the prepared TFDS `imagenet2012` instead of an ImageFolder
-  :hw=gpu8         hardware presets (cpu | gpu | gpu8 | tpu): dtype
+The hardware needs no argument (configs/alphanet.py): model.dtype=auto.
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, digits=False, steps=600, tfds=False, hw="gpu")
+    a = common.parse_arg(arg, digits=False, steps=600, tfds=False)
     if a["digits"]:
         return _digits(a["steps"])
     c = common.base_config("slimmable_mobilenet_v2", "tfds" if a["tfds"] else "imagefolder")
-    common.apply_hardware(c, a["hw"])
     c.batch_size = 1024
     c.num_epochs = 250
     c.warmup_epochs = 0

@@ -488,12 +488,12 @@ def loop_runs(tmp_path_factory):
         def __init__(self, model, tx, config, mesh):
             self.inner = shared["step"] = shared_step(model, tx, config, mesh)
 
-        def __call__(self, state, batch, encs, rng, poison=False):
+        def __call__(self, state, batch, encs, rng):
             rec = dict(step=int(jax.device_get(state["step"])), image=_digest(batch["image"]),
                        label=_digest(batch["label"]), rng=_digest(rng),
                        encs=[(e.resolution, _digest(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(e)])))
                              for e in encs])
-            out = self.inner(state, batch, encs, rng, poison=poison)
+            out = self.inner(state, batch, encs, rng)
             rec["compiled"] = self.inner.num_compiled()
             calls.setdefault(run["name"], []).append(rec)
             return out
