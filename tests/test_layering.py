@@ -14,7 +14,7 @@ PACKAGE = ROOT / "alphanet_jax"
 # The README's module list, bottom to top ("each imports only those above it in this list"). `data` is a
 # package: its submodules count as one module. launch.py is the top.
 LAYERS = [
-    "errors", "files", "latency", "safe_pickle", "widths", "spaces", "space_dict", "search_space", "presets",
+    "errors", "files", "console", "latency", "safe_pickle", "widths", "spaces", "space_dict", "search_space", "presets",
     "resolve", "sampling", "flops", "evolution", "losses", "data", "fingerprint", "mesh", "checkpoint",
     "layers", "supernet", "evaluate", "export", "convert", "train", "search", "config_check", "tasks", "launch",
 ]
