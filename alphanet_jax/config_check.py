@@ -26,7 +26,7 @@ _MISSING = object()
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     *((k, lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in (
         "batch_size", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep", "max_consecutive_bad_steps",
-        "optim.lr_batch_unit", "eval.batch_size", "eval.calib_batch_size", "eval.calib_batches",
+        "stop_check_every", "optim.lr_batch_unit", "eval.batch_size", "eval.calib_batch_size", "eval.calib_batches",
         "search.calib_batches")),
     *((k, lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)") for k in ("eval.every_steps",
                                                                                    "data_prefetch")),
@@ -44,6 +44,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("sandwich.distill", lambda v: v in train.DISTILL_LOSSES, f"one of {train.DISTILL_LOSSES}"),
     ("model.scan_blocks", lambda v: isinstance(v, bool) or str(v).lower() in supernet.SCAN_BLOCKS_VALUES,
      "True, False or 'auto'"),
+    ("model.skip_inactive_blocks",
+     lambda v: isinstance(v, bool) or str(v).lower() in supernet.SKIP_INACTIVE_VALUES, "True, False or 'auto'"),
     ("mesh.data", lambda v: _is_int(v) and (v >= 1 or v in (-1, 0)), "-1 (all devices) or a device count >= 1"),
 )
 

@@ -23,6 +23,10 @@ class ConfigError(UserError):
     """A config value that cannot work (the message names the key)."""
 
 
+class SearchSpaceError(ConfigError):
+    """A search space definition or a subnet config does not fit its space."""
+
+
 class DataError(UserError):
     """A dataset that cannot be used (layout, classes, no decodable image)."""
 

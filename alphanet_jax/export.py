@@ -21,23 +21,25 @@ import numpy as np
 
 from alphanet_jax import layers
 from alphanet_jax.errors import PathNotFoundError, UserError
-from alphanet_jax.search_space import ActiveBlock, SearchSpace, SubnetConfig, get_space, resolve
+from alphanet_jax.resolve import ActiveBlock, resolve
+from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space
 
 Array = jax.Array
 FORMAT = "alphanet-jax-subnet/1"
 
 
-def _bn(x, p, s, train, eps, group_size=0):
-    y, new = layers.batch_norm(x, p, s, jnp.ones((x.shape[-1],), bool), train=train, eps=eps, group_size=group_size)
+def _bn(x, p, s, train, eps, axis_name=None, group_size=0):
+    y, new = layers.batch_norm(x, p, s, jnp.ones((x.shape[-1],), bool), train=train, eps=eps, axis_name=axis_name,
+                               group_size=group_size)
     return y, new
 
 
 def _static_bn(module: nn.Module, name: str, x: Array, c: int, *, train: bool, eps: float,
-               group_size: int = 0) -> Array:
+               axis_name: str | None = None, group_size: int = 0) -> Array:
     """A named BN of `module` over all c channels; writes batch statistics when they are mutable."""
     p = module.param(name, lambda k: {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))})
     sv = module.variable("batch_stats", name, lambda: {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))})
-    y, new = _bn(x, p, sv.value, train, eps, group_size)
+    y, new = _bn(x, p, sv.value, train, eps, axis_name, group_size)
     if train and module.is_mutable_collection("batch_stats") and not module.is_initializing():
         sv.value = new
     return y
@@ -50,7 +52,9 @@ def _kernel(module: nn.Module, name: str, shape: tuple[int, ...]) -> Array:
 class StaticSubnet(nn.Module):
     """One subnet with static shapes: resize, stem, active blocks, head, classifier.
 
-    `bn_group_size` g > 0: ghost BN in train mode, as `supernet.Supernet`'s.
+    `bn_axis_name` pmean's train-mode BN statistics over a shard_map axis, as `Supernet`'s
+    (training runs the min subnet as a static subnet, train.SandwichStep); `bn_group_size` g > 0:
+    ghost BN in train mode, as `Supernet`'s.
     """
 
     space: SearchSpace
@@ -58,13 +62,15 @@ class StaticSubnet(nn.Module):
     dtype: Any = jnp.float32
     bn_eps: float = 1e-5
     depthwise_impl: str = "auto"
+    bn_axis_name: str | None = None
     bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> Array:
         space, rs = self.space, resolve(self.subnet, self.space)
         dt = self.dtype
-        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, group_size=self.bn_group_size)
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name,
+                               group_size=self.bn_group_size)
         w = functools.partial(_kernel, self)
         act = layers.activation(space.act)
         x = layers.resize_bicubic(images.astype(jnp.float32), rs.resolution).astype(dt)
@@ -72,7 +78,8 @@ class StaticSubnet(nn.Module):
         x = layers.conv2d(x, w("stem", (k0, k0, space.in_channels, rs.stem_width)), space.stem_stride)
         x = act(bn("stem_bn", x, rs.stem_width))
         for j, b in enumerate(rs.blocks):
-            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, self.bn_group_size, name=f"blocks{j}")(x, train)
+            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, self.bn_axis_name, self.bn_group_size,
+                             name=f"blocks{j}")(x, train)
         c = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
         v3 = space.head_kind == "v3"
 
@@ -87,7 +94,8 @@ class StaticSubnet(nn.Module):
         hs = self.variable("batch_stats", "head", lambda: {"expand_bn": {
             "mean": jnp.zeros((rs.head_expand,)), "var": jnp.ones((rs.head_expand,))}})
         x = layers.pointwise(x, hp["expand"]["kernel"])
-        x, new = _bn(x, hp["expand_bn"], hs.value["expand_bn"], train, self.bn_eps, self.bn_group_size)
+        x, new = _bn(x, hp["expand_bn"], hs.value["expand_bn"], train, self.bn_eps, self.bn_axis_name,
+                     self.bn_group_size)
         if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
             hs.value = {"expand_bn": new}
         x = act(x)
@@ -104,6 +112,7 @@ class _StaticBlock(nn.Module):
     bn_eps: float
     dtype: Any
     depthwise_impl: str = "auto"
+    bn_axis_name: str | None = None
     bn_group_size: int = 0
 
     @nn.compact
@@ -111,7 +120,8 @@ class _StaticBlock(nn.Module):
         b = self.b
         act = layers.activation(b.act)
 
-        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, group_size=self.bn_group_size)
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name,
+                               group_size=self.bn_group_size)
         kernel = functools.partial(_kernel, self)
 
         h = x

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 
-def atomic_write(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file that is fsynced, then renamed over `path`."""
+def atomic_write(path: str, data: str | bytes) -> None:
+    """Writes `data` (text or bytes) to `path` through a temporary file that is fsynced, then renamed
+    over `path`."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -16,7 +16,8 @@ exact parameter count of torchvision's mobilenet_v2 with BN) and 59.29 MFLOPs at
 
 from __future__ import annotations
 
-from alphanet_jax.search_space import ResolvedSubnet, SearchSpace, SubnetConfig, get_space, resolve
+from alphanet_jax.resolve import ResolvedSubnet, resolve
+from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space
 
 
 def _conv(c_in: int, c_out: int, size_out: int, k: int = 1, groups: int = 1) -> float:

@@ -461,3 +461,59 @@ def resize_bicubic(x: Array, size: int) -> Array:
     y = jnp.einsum("oh,nhwc->nowc", mh, xf, precision=jax.lax.Precision.HIGHEST)
     y = jnp.einsum("pw,nowc->nopc", mw, y, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)
+
+
+def prefix_scan(f, x: Array, params: Any, aux: Any, n: Any) -> Array:
+    """x after `x = f(x, params[i], aux[i])` for i < n (n traced, at most the stacks' length).
+
+    Depth-inactive blocks are a suffix of their stage, so a stage runs as a loop over its active
+    prefix: the other blocks cost nothing, forward or backward. Differentiable in x and `params`
+    (`aux` gets no gradient): the forward stashes each active step's VJP residuals, the backward
+    runs the active steps' VJPs in reverse. (A `lax.cond` inside a `lax.scan` does the same
+    arithmetic but measured slower on CPU than computing every block: it writes the skipped steps'
+    residuals as zeros and copies the taken ones', benchmarks/RESULTS.md.)
+    """
+    box: dict[str, Any] = {}  # the residuals' tree structure, from the forward's trace to the backward's
+    at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+
+    def step_vjp(x, p, a):
+        return jax.vjp(lambda x, p: f(x, p, a), x, p)
+
+    def loop(x, params, aux, n, stash):
+        def body(i, carry):
+            x, stash = carry
+            if stash is None:  # no gradient wanted: just the blocks
+                return f(x, at(params, i), at(aux, i)), None
+            y, vjp = step_vjp(x, at(params, i), at(aux, i))
+            leaves, box["tree"] = jax.tree.flatten(vjp)
+            return y, [jax.lax.dynamic_update_index_in_dim(s, _like_varying(r, s), i, 0) for s, r in zip(stash, leaves)]
+
+        return jax.lax.fori_loop(0, n, body, (x, stash))
+
+    @jax.custom_vjp
+    def run(x, params, aux, n):
+        return loop(x, params, aux, n, None)[0]
+
+    def run_fwd(x, params, aux, n):
+        shapes = jax.eval_shape(lambda x, p, a: jax.tree.leaves(step_vjp(x, p, a)[1]), x, at(params, 0), at(aux, 0))
+        length = jax.tree.leaves(params)[0].shape[0]
+        stash = [_like_varying(jnp.zeros((length,) + s.shape, s.dtype), x) for s in shapes]
+        y, stash = loop(x, params, aux, n, stash)
+        return y, (stash, params, aux, n)
+
+    def run_bwd(res, dy):
+        stash, params, aux, n = res
+
+        def body(k, carry):
+            i = n - 1 - k
+            dx, grads = carry
+            dx, g = jax.tree.unflatten(box["tree"], [s[i] for s in stash])(dx)
+            return dx, jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, _like_varying(v, buf), i, 0),
+                                    grads, g)
+
+        zeros = jax.tree.map(lambda p: _like_varying(jnp.zeros_like(p), dy), params)
+        dx, grads = jax.lax.fori_loop(0, n, body, (dy, zeros))
+        return dx, grads, jax.tree.map(lambda _: None, aux), None
+
+    run.defvjp(run_fwd, run_bwd)
+    return run(x, jax.tree.map(lambda p: _like_varying(p, x), params), aux, n)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Mapping
 
@@ -10,6 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from alphanet_jax.console import log
 from alphanet_jax.errors import ConfigError
 
 DATA = "data"
@@ -38,8 +38,8 @@ def initialize_distributed(cfg: Mapping[str, Any] | None = None) -> None:
     elif cfg.get("auto"):
         jax.distributed.initialize()
     if jax.process_count() > 1:
-        logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                     jax.local_device_count(), jax.device_count())
+        log(f"{jax.process_count()} processes, {jax.local_device_count()} local / {jax.device_count()} global "
+            f"devices")
 
 
 def make_mesh(data_parallel: int = -1) -> Mesh:

@@ -61,8 +61,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
-import logging
 import math
 import os
 import time
@@ -71,11 +71,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from alphanet_jax import errors
+from alphanet_jax import console, errors
 from alphanet_jax.files import atomic_write
 from alphanet_jax.flops import count_flops, count_params
-from alphanet_jax.search_space import (PRESET_TITLES, PRESETS, SearchSpace, SubnetConfig, crossover, get_space,
-                                       mutate, sample_subnet_in_range, step_rng)
+from alphanet_jax.evolution import crossover, mutate, sample_subnet_in_range
+from alphanet_jax.presets import PRESET_TITLES, PRESETS
+from alphanet_jax.sampling import step_rng
+from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space
 
 __all__ = ["SearchConfig", "run_search", "default_config", "canonical_key", "pareto_buckets", "bucket_of",
            "ResultStore", "write_outputs", "plot_pareto", "non_dominated", "JaxComm", "STREAM", "SearchResultsError",
@@ -510,7 +512,8 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
     `evaluate_fn(subnet)` calibrates and evaluates one subnet and returns a dict with
     'top1' (and optionally 'top5', 'loss', 'count'); see `evaluate.make_evaluate_fn`.
     `cfg`: a `SearchConfig`, dict or ConfigDict with its keys. `comm`: the process
-    collectives (default: `JaxComm` when jax runs several processes).
+    collectives (default: `JaxComm` when jax runs several processes). `log`: where progress lines
+    go (default: `console.log`, printed by process 0).
     `preset_results`: {preset name: row with mflops and top1} to mark in the plot.
     `context`: what `evaluate_fn`'s numbers depend on besides the subnet (JSON; the weights and the
     calibration/evaluation settings, see the module docstring): stored results are reused only when
@@ -519,7 +522,7 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
     space = get_space(space)
     context = _plain(context)
     cfg = SearchConfig.from_any(cfg)
-    log = log or logging.info
+    log = log or console.log
     if comm is None:
         import jax
 
@@ -666,14 +669,13 @@ def write_outputs(workdir: str, front: Sequence[Mapping[str, Any]], evaluated: S
     top1, top5) and, with `plot`, pareto.png."""
     doc = {"context_id": context_id(context), "context": _plain(context), "front": list(front)}
     atomic_write(os.path.join(workdir, "pareto.json"), json.dumps(doc, indent=1))
-    tmp = os.path.join(workdir, "pareto.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(CSV_FIELDS)
-        for r in front:
-            w.writerow([json.dumps(r["subnet"], sort_keys=True, separators=(",", ":")), r["mflops"], r["params"],
-                        r["top1"], r["top5"]])
-    os.replace(tmp, os.path.join(workdir, "pareto.csv"))
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(CSV_FIELDS)
+    for r in front:
+        w.writerow([json.dumps(r["subnet"], sort_keys=True, separators=(",", ":")), r["mflops"], r["params"],
+                    r["top1"], r["top5"]])
+    atomic_write(os.path.join(workdir, "pareto.csv"), text.getvalue().encode())
     if plot:
         plot_pareto(os.path.join(workdir, "pareto.png"), front, evaluated or [], preset_results)
 
@@ -710,9 +712,9 @@ def plot_pareto(path: str, front: Sequence[Mapping[str, Any]], evaluated: Sequen
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write(path, png.getvalue())
 
 
 def evaluate_presets(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: Any = None,

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alphanet_jax import layers
-from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space, resolve
+from alphanet_jax.resolve import resolve
+from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space
 
 Array = jax.Array
 
@@ -213,14 +214,16 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
 
 
 def block_groups(space: SearchSpace) -> list[list[BlockSpec]]:
-    """The blocks in execution order, grouped for `forward`: each stage's first block alone, its
-    other blocks (one shape: stride 1, max_in = max_out) together, to run as one scanned body."""
+    """The blocks in execution order, grouped for `forward`: each stage's first block alone, then its
+    other blocks (one shape: stride 1, max_in = max_out) in up to two groups run as one scanned body
+    each: those every subnet runs (positions below the stage's least depth) and the depth-optional
+    ones (which `skip_inactive` runs only as far as the subnet's depth, `layers.prefix_scan`)."""
     groups: list[list[BlockSpec]] = []
     for si in range(space.num_stages):
         blocks = [space.blocks[i] for i in space.stage_blocks(si)]
+        least = max(1, min(space.stages[si].depths))
         groups.append(blocks[:1])
-        if len(blocks) > 1:
-            groups.append(blocks[1:])
+        groups += [g for g in (blocks[1:least], blocks[least:]) if g]
     return groups
 
 
@@ -238,6 +241,22 @@ def resolve_scan_blocks(scan_blocks: bool | str) -> bool:
     if value in SCAN_BLOCKS_VALUES:
         return value == "true"
     raise ValueError(f"scan_blocks must be True, False or 'auto', got {scan_blocks!r}")
+
+
+SKIP_INACTIVE_VALUES = ("auto", "true", "false")  # model.skip_inactive_blocks as a string (or a bool)
+
+
+def resolve_skip_inactive(skip_inactive: bool | str, scan_blocks: bool) -> bool:
+    """'auto' -> True on CPU with scanned blocks (AlphaNet fp32 batch 8: 9.82 -> 9.32 s per sandwich step,
+    compile 149 -> 224 s, benchmarks/RESULTS.md), False elsewhere until measured; or True/False."""
+    if isinstance(skip_inactive, (bool, np.bool_)):
+        return bool(skip_inactive)
+    value = str(skip_inactive).lower()
+    if value == "auto":
+        return scan_blocks and jax.default_backend() == "cpu"
+    if value in SKIP_INACTIVE_VALUES:
+        return value == "true"
+    raise ValueError(f"skip_inactive_blocks must be True, False or 'auto', got {skip_inactive!r}")
 
 
 def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) -> list[float]:
@@ -282,7 +301,8 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     dc_rate = jnp.asarray(drop_connect_rate, jnp.float32)
 
     def block_fn(b: BlockSpec, dc_static: bool):
-        """(x, p, s, e, dc_mult, index) -> (x, stats): one block, active or not, as configured."""
+        """(run, apply): run(x, p, s, e, dc_mult, index) -> (x, stats) computes one block; apply(...,
+        active, always) also handles a block the subnet may not have, as configured."""
 
         def run(x, p, s, e, dc_mult, index):
             y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
@@ -307,16 +327,19 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             y, ns = run(x, p, s, e, dc_mult, index)
             return jnp.where(active > 0, y, layers.fit_channels(x, b.max_out)), ns
 
-        return apply
+        return run, apply
 
     fields = ("in_ch", "mid", "out_ch", "kernel", "se")
+    # Depth-optional blocks of a scanned stage run as a loop over the active ones (statistics for
+    # calibration come from the scan below, which keeps every block's).
+    prefix = skip_inactive and scan_blocks and not collect_stats
     for group in block_groups(space) if scan_blocks else [[b] for b in space.blocks]:
         b = group[0]
         idx = [g.index for g in group]
         always = all(g.position < min(space.stages[g.stage].depths) for g in group)
         dc_static = any(dc_rates[i] > 0 for i in idx)
-        apply = block_fn(b, dc_static)
-        if len(group) == 1:
+        run, apply = block_fn(b, dc_static)
+        if len(group) == 1 and (always or not prefix):
             x, ns = apply(x, params[f"block{b.index}"], stats[f"block{b.index}"],
                           {k: getattr(enc, k)[b.index] for k in fields}, np.float32(dc_rates[b.index]),
                           b.index, enc.active[b.index], always)
@@ -329,6 +352,11 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         xs = (stack([params[f"block{i}"] for i in idx]), stack([stats[f"block{i}"] for i in idx]),
               {k: getattr(enc, k)[ii] for k in fields}, jnp.asarray([dc_rates[i] for i in idx], jnp.float32),
               jnp.asarray(ii, jnp.int32), enc.active[ii])
+        if prefix and not always:  # inactive blocks are a suffix of the stage: run the active prefix
+            x = layers.prefix_scan(lambda x, p, a, run=run: run(x, p, *a)[0], x, xs[0], xs[1:5],
+                                   jnp.sum(enc.active[ii]))
+            new.update({f"block{i}": None for i in idx})
+            continue
 
         def body(x, xs, apply=apply, always=always):
             return apply(x, *xs, always)

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from alphanet_jax import config_check
+from alphanet_jax.console import log
 from alphanet_jax import data as data_lib
 from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
@@ -29,16 +30,10 @@ from alphanet_jax import fingerprint as fingerprint_lib
 from alphanet_jax import mesh as mesh_lib
 from alphanet_jax import search as search_lib
 from alphanet_jax import train as train_lib
+from alphanet_jax.files import atomic_write
 from alphanet_jax.flops import count_flops, count_params
-from alphanet_jax.search_space import PRESET_TITLES, SubnetConfig, as_subnet, get_space
-
-TASKS = ("train", "evaluate", "search", "export")
-
-
-def _log(*args: Any) -> None:
-    if jax.process_index() == 0:
-        print(*args, flush=True)
-
+from alphanet_jax.presets import PRESET_TITLES, as_subnet
+from alphanet_jax.search_space import SubnetConfig, get_space
 
 def parse_tasks(run: str) -> list[str]:
     tasks = [t.strip() for t in run.split(",") if t.strip()]
@@ -87,22 +82,6 @@ def search_context(config: ml_collections.ConfigDict, weights: dict, variables: 
                       "bn_eps": float(config.model.bn_eps)}}
 
 
-def _factories(config: ml_collections.ConfigDict, calib_batches: int, local: bool) -> tuple[Callable, Callable]:
-    """Calibration and evaluation iterator factories (per host, or whole-split when `local`)."""
-    e = config.eval
-    pi, pc = (0, 1) if local else (jax.process_index(), jax.process_count())
-
-    def calib():
-        return data_lib.make_calibration_iterator(config.data, batch_size=e.calib_batch_size // pc,
-                                                  seed=e.calib_seed, process_index=pi, process_count=pc)
-
-    def evals():
-        return data_lib.make_eval_iterator(config.data, batch_size=e.batch_size // pc, process_index=pi,
-                                           process_count=pc)
-
-    return calib, evals
-
-
 def _check_eval_batches(config, mesh) -> None:
     for key in ("calib_batch_size", "batch_size"):
         mesh_lib.check_batch_size(config.eval[key], mesh, f"eval.{key}")
@@ -127,7 +106,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def train_task(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes training) the supernet in `workdir`; returns the summary without the state."""
+    out = train_lib.train_and_evaluate(config, workdir)
+    return {k: v for k, v in out.items() if k != "state"}
+
+
+def evaluate_task(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Calibrate and evaluate `eval.subnets`; prints a table and writes eval.json."""
     space = get_space(config.space)
     subnets = _subnet_list(config)  # bad names fail before any compilation
@@ -135,20 +120,14 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     _check_eval_batches(config, mesh)
     variables, source = load_supernet(config, workdir, mesh)
     model = train_lib.make_model(config, space, for_training=False)
-    calib, evals = _factories(config, config.eval.calib_batches, local=False)
-    rows = []
-    for name, subnet in subnets:
-        row = eval_lib.calibrate_and_evaluate(model, variables, subnet, calib(), evals(), mesh=mesh,
-                                              num_calib_batches=config.eval.calib_batches)
-        rows.append(dict(row, name=name))
-    _log(f"weights: {source}\n" + format_table(rows))
+    rows = train_lib.calibrate_and_evaluate(config, model, variables, mesh, subnets)
+    log(f"weights: {source}\n" + format_table(rows))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump({"weights": source, "results": rows}, f, indent=1)
+        atomic_write(os.path.join(workdir, "eval.json"), json.dumps({"weights": source, "results": rows}, indent=1))
     return rows
 
 
-def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def search_task(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Evolutionary search over the trained supernet; results in workdir/search."""
     space = get_space(config.space)
     s = config.search
@@ -160,19 +139,19 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     # Stored results are reused only for the same weights (by content) and calibration/eval settings.
     context = search_context(config, weights, variables)
     model = train_lib.make_model(config, space, for_training=False)
-    calib, evals = _factories(config, s.calib_batches, local=True)
+    calib, evals = train_lib.eval_iterators(config, local=True)
     evaluate_fn = eval_lib.make_evaluate_fn(model, variables, calib, evals, mesh=mesh,
                                             num_calib_batches=s.calib_batches)
     presets = {}
     if space.name == "alphanet":
         presets = search_lib.evaluate_presets(evaluate_fn, space)
     cfg = {k: v for k, v in s.to_dict().items() if k != "calib_batches"}
-    _log(f"evolutionary search on {weights['description']} (weights {context['weights']['fingerprint'][:12]}): "
-         f"{s.evo_iter} generations, window [{s.flops_min}, {s.flops_max}] MFLOPs")
+    log(f"evolutionary search on {weights['description']} (weights {context['weights']['fingerprint'][:12]}): "
+        f"{s.evo_iter} generations, window [{s.flops_min}, {s.flops_max}] MFLOPs")
     front = search_lib.run_search(evaluate_fn, space, cfg, os.path.join(workdir, "search"),
-                                  preset_results=presets, log=_log, context=context)
+                                  preset_results=presets, context=context)
     rows = [dict(r, name=f"pareto {i}") for i, r in enumerate(front)]
-    _log(format_table(rows))
+    log(format_table(rows))
     return front
 
 
@@ -184,7 +163,7 @@ def best_subnet_under(front: list[dict], max_mflops: float) -> dict:
     return max(fits, key=lambda r: (r["top1"], -r["mflops"]))
 
 
-def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
+def export_task(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Calibrates the chosen subnet and writes it as a standalone model directory."""
     space = get_space(config.space)
     e = config.export
@@ -208,7 +187,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     if front is not None:  # the pick is the best for the weights and settings the front was searched with
         search_lib.check_front_context(path, front_context, search_context(config, weights, variables))
     model = train_lib.make_model(config, space, for_training=False)
-    calib, evals = _factories(config, config.eval.calib_batches, local=False)
+    calib, evals = train_lib.eval_iterators(config)
     calibrated = eval_lib.calibrate_bn(model, variables, subnet, calib(), mesh=mesh,
                                        num_batches=config.eval.calib_batches)
     row = eval_lib.evaluate(model, calibrated, subnet, evals(), mesh=mesh)
@@ -217,10 +196,15 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     if jax.process_index() == 0:
         export_lib.save_subnet(directory, static, jax.device_get(sliced), extra={
             "weights": source, "mflops": count_flops(subnet, space), "top1": row["top1"], "top5": row["top5"]})
-    _log(f"exported {subnet.to_json()} ({count_flops(subnet, space):.2f} MFLOPs, "
-         f"{count_params(subnet, space):,} params, top-1 {row['top1']:.2f}%) to {directory}\n"
-         f"load it with: alphanet_jax.export.load_subnet_model({directory!r})")
+    log(f"exported {subnet.to_json()} ({count_flops(subnet, space):.2f} MFLOPs, "
+        f"{count_params(subnet, space):,} params, top-1 {row['top1']:.2f}%) to {directory}\n"
+        f"load it with: alphanet_jax.export.load_subnet_model({directory!r})")
     return directory
+
+
+# The command-line tasks, in the order a run with several of them runs them.
+TASKS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
+    "train": train_task, "evaluate": evaluate_task, "search": search_task, "export": export_task}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "") -> dict:
@@ -249,21 +233,12 @@ def _run_tasks(config: ml_collections.ConfigDict, workdir: str, tasks: list[str]
     t0 = time.perf_counter()
     for task in tasks:
         t = time.perf_counter()
-        if task == "train":
-            out = train_lib.train_and_evaluate(config, workdir)
-            results["train"] = {k: v for k, v in out.items() if k != "state"}
-            if out["interrupted"]:
-                break
-        elif task == "evaluate":
-            results["evaluate"] = run_evaluate(config, workdir)
-        elif task == "search":
-            results["search"] = run_search(config, workdir)
-        elif task == "export":
-            results["export"] = run_export(config, workdir)
+        results[task] = TASKS[task](config, workdir)
+        if task == "train" and results[task]["interrupted"]:
+            break  # SIGTERM: the checkpoint is saved, the later tasks run after the resume
         results.setdefault("seconds", {})[task] = time.perf_counter() - t
     results["seconds_total"] = time.perf_counter() - t0
     if jax.process_index() == 0 and len(tasks) > 1:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        _log(f"done in {results['seconds_total']:.0f} s: results.json, search/pareto.png, export/ in {workdir}")
+        atomic_write(os.path.join(workdir, "results.json"), json.dumps(results, indent=1, default=str))
+        log(f"done in {results['seconds_total']:.0f} s: results.json, search/pareto.png, export/ in {workdir}")
     return results

@@ -7,8 +7,9 @@ are clipped element-wise, and one SGD (Nesterov) update follows.
 
 Compiled programs: one per resolution for the subnets' forward + backward (the
 architecture, and whether it is the max subnet, enter as arrays, so every subnet of a
-resolution shares it), one that makes the zero inputs of the max subnet, one for the
-update: at most `len(resolutions) + 2`, whatever the subnets.
+resolution shares it), one for the min subnet run sliced at its own widths (it is the same
+network every step), one for the update (which also makes the next step's zero gradient
+accumulator): at most `len(resolutions) + 2`, whatever the subnets.
 BN statistics are per device (the reference's `sync_bn: False`) by running the
 forward inside `shard_map`; `model.sync_bn=True` averages them over all devices.
 """
@@ -21,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +32,17 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from alphanet_jax import checkpoint as ckpt_lib
+from alphanet_jax.console import log
 from alphanet_jax import data as data_lib
 from alphanet_jax import errors
 from alphanet_jax import evaluate as eval_lib
+from alphanet_jax import export as export_lib
 from alphanet_jax.files import atomic_write
 from alphanet_jax import layers
 from alphanet_jax import losses
 from alphanet_jax import mesh as mesh_lib
-from alphanet_jax.search_space import SearchSpace, get_space, sandwich_subnets
+from alphanet_jax.sampling import sandwich_subnets
+from alphanet_jax.search_space import SearchSpace, get_space
 from alphanet_jax import supernet as supernet_lib
 from alphanet_jax.supernet import EncodedSubnet, Supernet, encode
 
@@ -111,6 +115,7 @@ def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_traini
     """The supernet of a run. `for_training=False` (BN calibration, evaluation, search, export): BN
     statistics over the whole per-device batch, as the reference calibrates (no sync_bn, no ghost BN)."""
     m = config.model
+    scan = supernet_lib.resolve_scan_blocks(m.scan_blocks)
     if m.depthwise_impl not in layers.DEPTHWISE_IMPLS:
         raise errors.ConfigError(f"model.depthwise_impl must be one of {layers.DEPTHWISE_IMPLS}, got "
                                  f"{m.depthwise_impl!r}")
@@ -119,8 +124,8 @@ def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_traini
     return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
-                    skip_inactive=m.skip_inactive_blocks, remat=m.remat, depthwise_impl=m.depthwise_impl,
-                    scan_blocks=supernet_lib.resolve_scan_blocks(m.scan_blocks),
+                    skip_inactive=supernet_lib.resolve_skip_inactive(m.skip_inactive_blocks, scan),
+                    remat=m.remat, depthwise_impl=m.depthwise_impl, scan_blocks=scan,
                     bn_group_size=int(m.get("bn_group_size", 0)) if for_training else 0)
 
 
@@ -213,9 +218,20 @@ class SandwichStep:
         self.max_bad = int(config.max_consecutive_bad_steps)
         donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
         self.subnet_fn = jax.jit(self._subnet, donate_argnums=(2,) if donate else ())
-        self.zeros_fn = jax.jit(self._zeros,
-                                out_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)))
         self.update_fn = jax.jit(self._update, donate_argnums=(0, 1) if donate else ())
+        # The min subnet is the same network every step: it runs sliced, at its own widths (a
+        # fraction of the masked program's work), in a program of its own (`_min_subnet`).
+        space = model.space
+        self.min_config = space.min_subnet()
+        self.min_encoding = encode(self.min_config, space)
+        self.static_min = bool(config.sandwich.static_min)
+        self.min_model = export_lib.StaticSubnet(
+            space=space, subnet=self.min_config, dtype=model.dtype, bn_eps=model.bn_eps,
+            depthwise_impl=model.depthwise_impl, bn_axis_name=model.bn_axis_name, bn_group_size=model.bn_group_size)
+        self.min_fn = jax.jit(self._min_subnet, donate_argnums=(2,) if donate else ())
+        # The max subnet's gradient accumulator: zeros made by the previous update (None before
+        # the first step: then made on the host, which compiles nothing).
+        self._zero_grads = None
 
     def _subnet(self, params, batch_stats, grads, images, labels, teacher, enc, rng, is_max):
         """One subnet's forward + backward on the local batch; its gradient is added to `grads`.
@@ -236,40 +252,89 @@ class SandwichStep:
             per_example = jax.lax.cond(
                 is_max, lambda z, t, y: losses.label_smoothed_cross_entropy(z, y, self.smoothing), self.distill,
                 logits, teacher, labels)
-            loss = jnp.mean(per_example)
-            acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-            return jax.lax.pmean(loss, mesh_lib.DATA), jax.lax.pmean(acc, mesh_lib.DATA), logits
+            return self._loss_metrics(per_example, logits, labels)
 
         d = P(mesh_lib.DATA)
         fwd = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d, P(), P(), P()),
                             out_specs=(P(), P(), d))
+        return self._accumulate(lambda p: fwd(p, batch_stats, images, labels, teacher, enc, rng, is_max),
+                                params, grads)
 
+    def _min_subnet(self, params, batch_stats, grads, images, labels, teacher):
+        """`_subnet` for the min subnet, run as the static (sliced) network: the same logits and
+        gradient as the masked program (the sliced weights' gradients land in the supernet's
+        tensors, zero elsewhere), at the min subnet's widths instead of the max's."""
+        space, subnet, static = self.model.space, self.min_config, self.min_model
+
+        def per_device(params, batch_stats, images, labels, teacher):
+            sliced = export_lib.slice_variables({"params": params, "batch_stats": batch_stats}, subnet, space)
+            logits = static.apply(sliced, images, train=True)
+            return self._loss_metrics(self.distill(logits, teacher, labels), logits, labels)
+
+        d = P(mesh_lib.DATA)
+        fwd = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), d, d, d), out_specs=(P(), P(), d))
+        return self._accumulate(lambda p: fwd(p, batch_stats, images, labels, teacher), params, grads)
+
+    @staticmethod
+    def _loss_metrics(per_example: Array, logits: Array, labels: Array) -> tuple[Array, Array, Array]:
+        """(mean loss, top-1 accuracy) over all devices, and the local logits (inside shard_map)."""
+        loss = jnp.mean(per_example)
+        acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return jax.lax.pmean(loss, mesh_lib.DATA), jax.lax.pmean(acc, mesh_lib.DATA), logits
+
+    @staticmethod
+    def _accumulate(fwd: Callable, params: Any, grads: Any) -> tuple[Any, Array, dict]:
+        """(grads + d loss / d params, the logits without gradient, {loss, acc}) of `fwd(params)`."""
         def loss(p):
-            l, acc, logits = fwd(p, batch_stats, images, labels, teacher, enc, rng, is_max)
+            l, acc, logits = fwd(p)
             return l, (acc, logits)
 
         (l, (acc, logits)), g = jax.value_and_grad(loss, has_aux=True)(params)
         return jax.tree.map(jnp.add, grads, g), jax.lax.stop_gradient(logits), {"loss": l, "acc": acc}
 
-    def _zeros(self, params, labels):
-        """The max subnet's inputs in place of earlier results: zero gradients and zero teacher logits."""
-        classes = params["classifier"]["bias"].shape[-1]
-        return jax.tree.map(jnp.zeros_like, params), jnp.zeros(labels.shape + (classes,), jnp.float32)
+    def _take_zero_grads(self, params: Any) -> Any:
+        """The max subnet's gradient accumulator: the zeros the last update made, else zeros from the host.
+
+        Host zeros (`make_array_from_callback`) compile nothing, so the step stays at
+        `len(resolutions) + 2` programs; on accelerators the accumulator is donated, so each is used once.
+        """
+        zeros, self._zero_grads = self._zero_grads, None
+        if zeros is None:
+            rep = mesh_lib.replicated(self.mesh)
+            zeros = jax.tree.map(lambda a: jax.make_array_from_callback(
+                a.shape, rep, lambda idx, a=a: np.zeros(a.shape, a.dtype)[idx]), params)
+        return zeros
+
+    def _zero_teacher(self, labels: Array) -> Array:
+        """Zero logits in the teacher's place for the max subnet (it learns from labels; never read)."""
+        shape = labels.shape + (self.model.space.num_classes,)
+        return jax.make_array_from_callback(shape, mesh_lib.batch_sharding(self.mesh),
+                                            lambda idx: np.zeros(shape, np.float32)[idx])
 
     def max_subnet(self, params, batch_stats, images, labels, enc, rng) -> tuple[Any, Array, dict]:
         """The max subnet's step: (its gradient, its logits (the students' teacher), {loss, acc})."""
-        grads, no_teacher = self.zeros_fn(params, labels)
-        return self.subnet_fn(params, batch_stats, grads, images, labels, no_teacher, enc, rng, np.bool_(True))
+        return self.subnet_fn(params, batch_stats, self._take_zero_grads(params), images, labels,
+                              self._zero_teacher(labels), enc, rng, np.bool_(True))
 
     def student(self, params, batch_stats, grads, images, labels, teacher, enc, rng) -> tuple[Any, dict]:
-        """A student's step: (grads + its gradient, {loss, acc}); at rates 0 the result does not depend on `rng`."""
-        grads, _, m = self.subnet_fn(params, batch_stats, grads, images, labels, teacher, enc, rng,
-                                     np.bool_(False))
+        """A student's step: (grads + its gradient, {loss, acc}); at rates 0 the result does not depend on `rng`.
+
+        The min subnet runs in its static program (`_min_subnet`) unless `sandwich.static_min` is off.
+        """
+        if self.static_min and self.is_min(enc):
+            grads, _, m = self.min_fn(params, batch_stats, grads, images, labels, teacher)
+        else:
+            grads, _, m = self.subnet_fn(params, batch_stats, grads, images, labels, teacher, enc, rng,
+                                         np.bool_(False))
         return grads, m
 
-    def _update(self, state, grads, poison):
-        # `poison` (fault injection for tests) turns this step's gradients into NaN.
-        grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
+    def is_min(self, enc: EncodedSubnet) -> bool:
+        """Whether `enc` is the space's min subnet (host arrays, as `encode` makes them)."""
+        mine = self.min_encoding
+        return enc.resolution == mine.resolution and all(
+            np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(enc), jax.tree.leaves(mine)))
+
+    def _update(self, state, grads):
         # The statistics on one concatenated vector: per-leaf reductions made this program ~3x
         # slower to compile (hundreds of tiny kernels; 469 leaves for AlphaNet).
         flat = jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grads)])
@@ -292,10 +357,12 @@ class SandwichStep:
         # step, on the device); the host sees it at the next log or save step and stops the run.
         halted = state["worst_streak"] >= self.max_bad
         new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
-        return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}
+        # The next step's gradient accumulator (in the donated gradients' buffers on accelerators).
+        zeros = jax.tree.map(jnp.zeros_like, grads)
+        return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}, zeros
 
-    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array,
-                 poison: bool = False) -> tuple[dict, dict]:
+    def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array
+                 ) -> tuple[dict, dict]:
         images, labels = batch["image"], batch["label"]
         params, bs = state["params"], state["batch_stats"]
         grads, teacher, m = self.max_subnet(params, bs, images, labels, encs[0], rng)
@@ -304,12 +371,12 @@ class SandwichStep:
             grads, m = self.student(params, bs, grads, images, labels, teacher, enc, rng)
             role = "min" if i == len(encs) - 1 else f"random{i}"
             metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
-        state, m = self.update_fn(state, grads, jnp.asarray(poison))
+        state, m, self._zero_grads = self.update_fn(state, grads)
         metrics.update(m)
         return state, metrics
 
     def num_compiled(self) -> int:
-        return self.subnet_fn._cache_size() + self.zeros_fn._cache_size() + self.update_fn._cache_size()
+        return self.subnet_fn._cache_size() + self.min_fn._cache_size() + self.update_fn._cache_size()
 
     def lowerings(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array
                   ) -> dict[str, Callable[[], Any]]:
@@ -322,17 +389,18 @@ class SandwichStep:
         params, bs = state["params"], state["batch_stats"]
         images, labels = batch["image"], batch["label"]
         rep, shard = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-        g_abs, t_abs = jax.eval_shape(self.zeros_fn, params, labels)
-        grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), g_abs)
-        teacher = jax.ShapeDtypeStruct(t_abs.shape, t_abs.dtype, sharding=shard)
+        grads = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), params)
+        teacher = jax.ShapeDtypeStruct(labels.shape + (self.model.space.num_classes,), jnp.float32, sharding=shard)
         out = {}
         for r, enc in encs.items():
             if r != "max":  # the max subnet runs in the program of its resolution
                 name = f"subnets @ {r}" + (" (and max)" if r == encs["max"].resolution else "")
                 out[name] = functools.partial(self.subnet_fn.lower, params, bs, grads, images, labels, teacher, enc,
                                               rng, np.bool_(False))
-        out["zeros"] = lambda: self.zeros_fn.lower(params, labels)
-        out["update"] = lambda: self.update_fn.lower(state, grads, jnp.asarray(False))
+        if self.static_min:
+            out[f"min subnet @ {self.min_config.resolution} (static)"] = functools.partial(
+                self.min_fn.lower, params, bs, grads, images, labels, teacher)
+        out["update"] = lambda: self.update_fn.lower(state, grads)
         return out
 
     def precompile(self, state: dict, batch: Mapping[str, Array], encs: Mapping[Any, EncodedSubnet], rng: Array,
@@ -448,28 +516,61 @@ def _fmt_progress(step: int, total: int, s: Mapping[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Validation during training
+# BN calibration and evaluation (during training, and the evaluate / search / export tasks)
 # ----------------------------------------------------------------------------
 
 
-def validate(config, model_eval: Supernet, variables: dict, mesh, subnets: Mapping[str, Any]) -> dict:
-    """BN calibration + evaluation of named subnets (spec §6.6); returns {name: row}."""
+def eval_iterators(config: ml_collections.ConfigDict, local: bool = False) -> tuple[Callable, Callable]:
+    """Factories of fresh (calibration, evaluation) iterators with the `eval` section's batch sizes and
+    seed: each host reads its share of the global batches, or (`local`) the whole of them, for an
+    evaluation on this host's devices alone."""
     e = config.eval
-    pi, pc = jax.process_index(), jax.process_count()
-    out = {}
-    for name, subnet in subnets.items():
-        calib = data_lib.make_calibration_iterator(config.data, batch_size=e.calib_batch_size // pc,
-                                                   seed=e.calib_seed, process_index=pi, process_count=pc)
-        evals = data_lib.make_eval_iterator(config.data, batch_size=e.batch_size // pc, process_index=pi,
-                                            process_count=pc)
-        out[name] = eval_lib.calibrate_and_evaluate(model_eval, variables, subnet, calib, evals, mesh=mesh,
-                                                    num_calib_batches=e.calib_batches)
-    return out
+    pi, pc = (0, 1) if local else (jax.process_index(), jax.process_count())
+
+    def calib():
+        return data_lib.make_calibration_iterator(config.data, batch_size=e.calib_batch_size // pc,
+                                                  seed=e.calib_seed, process_index=pi, process_count=pc)
+
+    def evals():
+        return data_lib.make_eval_iterator(config.data, batch_size=e.batch_size // pc, process_index=pi,
+                                           process_count=pc)
+
+    return calib, evals
+
+
+def calibrate_and_evaluate(config, model_eval: Supernet, variables: dict, mesh,
+                           subnets: Sequence[tuple[str, Any]]) -> list[dict]:
+    """BN calibration on `eval.calib_batches` batches, then evaluation, of each named subnet (spec §6.6);
+    returns one row per (name, subnet), with its name."""
+    calib, evals = eval_iterators(config)
+    return [dict(eval_lib.calibrate_and_evaluate(model_eval, variables, subnet, calib(), evals(), mesh=mesh,
+                                                 num_calib_batches=config.eval.calib_batches), name=name)
+            for name, subnet in subnets]
 
 
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
+
+
+def itstime(done: int, every: int, total: int, last: bool = True) -> bool:
+    """Whether a periodic action runs after `done` of `total` steps: every `every` steps (0: never) before
+    the last one, and after the last one if `last` (big_vision's `itstime`)."""
+    if done == total:
+        return last
+    return every > 0 and done % every == 0
+
+
+def stop_check_due(config: ml_collections.ConfigDict, done: int, total: int, process_count: int,
+                   host_waits: bool) -> bool:
+    """Whether the processes exchange their stop flags (SIGTERM) after `done` steps.
+
+    The exchange waits for the device to finish the step, so a multi-host run does it only every
+    `stop_check_every` steps, after the last one, and where the host waits anyway (`host_waits`: a
+    log, save or validation step); the answer depends on nothing a process sees alone, so all
+    processes exchange at the same steps and stop at the same one. A single process reads its own
+    flag after every step (no exchange, no wait)."""
+    return process_count == 1 or host_waits or itstime(done, config.stop_check_every, total)
 
 
 def resolve_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple[int, int]:
@@ -524,8 +625,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = pi == 0
     os.makedirs(workdir, exist_ok=True)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=1))
+        atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=1))
 
     model = make_model(config, space)
     data_state = None
@@ -538,14 +638,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = learning_rate_fn(config, total_steps, warmup_steps)
     tx = make_optimizer(config, lr)
     meta = checkpoint_meta(config, space)
-    log = print if is_main else (lambda *a, **k: None)
     # Opened once the schedule and batch size are accepted: a rejected one leaves no Orbax thread behind.
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save)
-    found = ck.restore_newest(abstract_state(model, tx, mesh), meta, log=lambda m: log(m, flush=True))
+    found = ck.restore_newest(abstract_state(model, tx, mesh), meta, log=log)
     if found is not None:
         start, state, data_state, _ = found
-        logging.info("resumed from %s/checkpoints/%d", workdir, start)
+        log(f"resumed from {workdir}/checkpoints/{start}")
     else:
         state, _ = create_state(model, tx, config.seed, mesh)
     first_step = int(jax.device_get(state["step"]))
@@ -561,7 +660,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log(f"training {space.name!r} supernet: {total_steps} steps ({steps_per_epoch}/epoch), global batch "
         f"{config.batch_size} on {mesh.devices.size} devices x {pc} processes, start at step {first_step}")
     base_key = jax.random.PRNGKey(config.seed)
-    nan_steps = set(config.get("debug_nan_steps", ()))  # fault injection (tests only)
     summary: dict[str, Any] = {}
     last_metrics: dict[str, float] = {}
     t_last, n_last = time.perf_counter(), 0
@@ -577,40 +675,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t_compile = time.perf_counter()
                 secs = step_fn.precompile(state, batch, step_encodings(space), rng)
                 log(f"compiled {len(secs)} programs in {time.perf_counter() - t_compile:.1f} s "
-                    f"(slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)", flush=True)
-            state, metrics = step_fn(state, batch, encs, rng, poison=step in nan_steps)
+                    f"(slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)")
+            state, metrics = step_fn(state, batch, encs, rng)
             n_last += 1
             done = step + 1
-            if done % config.log_every_steps == 0 or done == total_steps:
+            log_now = itstime(done, config.log_every_steps, total_steps)
+            eval_now = itstime(done, config.eval.every_steps, total_steps, last=False) and info["num_val"] > 0
+            save_now = itstime(done, config.checkpoint.every_steps, total_steps)
+            if log_now:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = (time.perf_counter() - t_last) / n_last
                 m.update(lr=float(lr(step)), step_time=dt, images_per_sec=config.batch_size / dt,
                          skipped=int(state["skipped"]), compiled_programs=step_fn.num_compiled())
                 t_last, n_last = time.perf_counter(), 0
                 writer.write(done, m)
-                log(_fmt_progress(done, total_steps, m), flush=True)
+                log(_fmt_progress(done, total_steps, m))
                 last_metrics = m
                 _check_bad_streak(config, state, ck)
                 if done >= config.log_every_steps * 3 and compiled_after_warmup is None:
                     compiled_after_warmup = step_fn.num_compiled()
-            if config.eval.every_steps > 0 and done % config.eval.every_steps == 0 and done < total_steps \
-                    and info["num_val"] > 0:
-                _validate_and_log(config, model_eval, state, mesh, space, writer, done, log)
+            if eval_now:
+                _evaluate_and_log(config, model_eval, state, mesh, space, writer, done)
             # Every process must stop (and save) at the same step: SIGTERM may reach the hosts of a
             # multi-host run at different steps, or only some of them.
-            interrupted = mesh_lib.any_process(stop["signal"] is not None)
-            save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or interrupted
-            if save_now:
+            if stop_check_due(config, done, total_steps, pc, host_waits=log_now or eval_now or save_now):
+                interrupted = mesh_lib.any_process(stop["signal"] is not None)
+            if save_now or interrupted:
                 _check_bad_streak(config, state, ck)  # never save a run that has stopped
                 ck.save(done, state, batches.get_state(), meta)
             if interrupted:
-                log(f"SIGTERM: saved step {done}, exiting", flush=True)
+                log(f"SIGTERM: saved step {done}, exiting")
                 break
         ck.wait()
         summary = dict(last_metrics, steps=int(state["step"]), compiled_programs=step_fn.num_compiled(),
                        compiled_after_warmup=compiled_after_warmup)
         if not interrupted and config.eval.at_end and info["num_val"] > 0:
-            summary["eval"] = _validate_and_log(config, model_eval, state, mesh, space, writer, total_steps, log)
+            summary["eval"] = _evaluate_and_log(config, model_eval, state, mesh, space, writer, total_steps)
     finally:
         signal.signal(signal.SIGTERM, previous)
         ck.close()
@@ -636,11 +736,13 @@ def _check_bad_streak(config: ml_collections.ConfigDict, state: dict, ck: ckpt_l
             f"(step {ck.latest_step()}) holds only finite values")
 
 
-def _validate_and_log(config, model_eval, state, mesh, space, writer, step, log) -> dict:
+def _evaluate_and_log(config, model_eval, state, mesh, space, writer, step) -> dict:
+    """Calibrates and evaluates the min and max subnets; logs and returns {name: row}."""
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    rows = validate(config, model_eval, variables, mesh, {"min": space.min_subnet(), "max": space.max_subnet()})
+    rows = {r["name"]: r for r in calibrate_and_evaluate(config, model_eval, variables, mesh,
+                                                        [("min", space.min_subnet()), ("max", space.max_subnet())])}
     writer.write(step, {f"val/{k}/top1": r["top1"] for k, r in rows.items()} |
                  {f"val/{k}/top5": r["top5"] for k, r in rows.items()})
     log(" | ".join(f"val {k}: top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% ({r['mflops']:.1f} MFLOPs)"
-                   for k, r in rows.items()), flush=True)
+                   for k, r in rows.items()))
     return rows

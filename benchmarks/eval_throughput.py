@@ -104,7 +104,8 @@ def main(argv=None) -> None:
     from alphanet_jax import evaluate as E
     from alphanet_jax.flops import count_flops
     from alphanet_jax.mesh import make_mesh
-    from alphanet_jax.search_space import as_subnet, get_space
+    from alphanet_jax.presets import as_subnet
+    from alphanet_jax.search_space import get_space
     from alphanet_jax.supernet import Supernet, init_variables
 
     tiny = args.space == "tiny"

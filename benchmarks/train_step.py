@@ -42,12 +42,14 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16")
     p.add_argument("--num_arch_training", type=int, default=4)
-    p.add_argument("--skip_inactive_blocks", action="store_true", help="lax.cond over depth-inactive blocks")
+    p.add_argument("--skip_inactive_blocks", action="store_true", help="compute no depth-inactive block (model.skip_inactive_blocks)")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     p.add_argument("--depthwise_impl", default="auto",
                    help="auto | xla | shift | taps (see layers.depthwise; auto: taps on CPU, xla elsewhere)")
     p.add_argument("--scan_blocks", default="auto",
                    help="auto | true | false: scan each stage's same-shape blocks (auto: true on CPU)")
+    p.add_argument("--static_min", default="true", choices=("true", "false"),
+                   help="run the min subnet sliced in its own program (sandwich.static_min)")
     p.add_argument("--xla_stats", action="store_true", help="print XLA cost/memory analysis per program")
     p.add_argument("--analyze_only", action="store_true",
                    help="compile and print --xla_stats without running a step (sizes a config without the memory)")
@@ -101,6 +103,39 @@ def print_xla_stats(rows: list[dict], useful_gflop: dict) -> None:
           "(XLA's estimate of the step's peak, live buffers of other programs aside)")
 
 
+def build(args: argparse.Namespace):
+    """(config, space, mesh, model, tx, state, step, data) of a sandwich step as the flags say; the data
+    is one synthetic global batch at --image_size. Shared with step_programs.py."""
+    import jax
+    import numpy as np
+
+    from alphanet_jax import mesh as mesh_lib, search_space as ss, spaces, train
+    from configs import common
+
+    config = common.base_config(args.space if args.space in spaces.SPACES else "alphanet", "digits")
+    config.model.dtype = args.dtype
+    config.model.sync_bn = getattr(args, "sync_bn", False)
+    config.model.skip_inactive_blocks = "true" if args.skip_inactive_blocks else "false"
+    config.model.remat = getattr(args, "remat", False)
+    config.model.depthwise_impl = args.depthwise_impl
+    config.model.scan_blocks = args.scan_blocks
+    config.sandwich.num_arch_training = getattr(args, "num_arch_training", 4)
+    config.sandwich.static_min = args.static_min == "true"
+    space = ss.get_space(config.space)
+    mesh = mesh_lib.make_mesh(-1)
+    batch = args.batch_per_device * mesh.devices.size
+    config.batch_size = batch
+    model = train.make_model(config, space)
+    tx = train.make_optimizer(config, train.learning_rate_fn(config, 10_000, 100))
+    state, _ = train.create_state(model, tx, args.seed, mesh)
+    step = train.SandwichStep(model, tx, config, mesh)
+    rng = np.random.default_rng(args.seed)
+    images = rng.normal(size=(batch, args.image_size, args.image_size, space.in_channels)).astype(np.float32)
+    labels = rng.integers(0, space.num_classes, batch).astype(np.int32)
+    data = jax.device_put({"image": images, "label": labels}, mesh_lib.batch_sharding(mesh))
+    return config, space, mesh, model, tx, state, step, data
+
+
 def main() -> None:
     args = parse()
     import jax
@@ -108,36 +143,16 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from alphanet_jax import flops, mesh as mesh_lib, search_space as ss, train
+    from alphanet_jax import flops, sampling, train
     from alphanet_jax.supernet import encode
-    from configs import common
 
-    config = common.base_config(args.space if args.space in ss.SPACES else "alphanet", "digits")
-    config.model.dtype = args.dtype
-    config.model.sync_bn = args.sync_bn
-    config.model.skip_inactive_blocks = args.skip_inactive_blocks
-    config.model.remat = args.remat
-    config.model.depthwise_impl = args.depthwise_impl
-    config.model.scan_blocks = args.scan_blocks
-    config.sandwich.num_arch_training = args.num_arch_training
-    space = ss.get_space(config.space)
-    mesh = mesh_lib.make_mesh(-1)
+    config, space, mesh, model, tx, state, step, data = build(args)
     n_dev = mesh.devices.size
     batch = args.batch_per_device * n_dev
-    config.batch_size = batch
-    model = train.make_model(config, space)
-    tx = train.make_optimizer(config, train.learning_rate_fn(config, 10_000, 100))
-    state, _ = train.create_state(model, tx, args.seed, mesh)
-    step = train.SandwichStep(model, tx, config, mesh)
     dtype = str(jnp.dtype(train.compute_dtype(args.dtype)))
 
-    rng = np.random.default_rng(args.seed)
-    images = rng.normal(size=(batch, args.image_size, args.image_size, space.in_channels)).astype(np.float32)
-    labels = rng.integers(0, space.num_classes, batch).astype(np.int32)
-    data = jax.device_put({"image": images, "label": labels}, mesh_lib.batch_sharding(mesh))
-
     def subnets_for(i: int, res: int | None = None):
-        subs = ss.sandwich_subnets(space, args.seed, i, args.num_arch_training)
+        subs = sampling.sandwich_subnets(space, args.seed, i, args.num_arch_training)
         if res is not None:  # warm-up: make every resolution appear in the student slots
             subs = [subs[0]] + [s.replace(resolution=res) for s in subs[1:-1]] + [subs[-1]]
         return subs

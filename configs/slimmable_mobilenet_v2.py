@@ -5,7 +5,7 @@ second experiment, on US-Nets' space).
       --config.data.root=/path/to/imagenet        # ImageFolder: train/<class>/*.JPEG, val/<class>/*
   python launch.py --config=configs/slimmable_mobilenet_v2.py:digits --workdir=/tmp/slim-digits   # CPU, minutes
 
-The space (`search_space.SLIMMABLE_MOBILENET_V2_SPACE`): MobileNetV2 at 224 with ONE width multiplier
+The space (`spaces.SLIMMABLE_MOBILENET_V2_SPACE`): MobileNetV2 at 224 with ONE width multiplier
 m in [0.35, 1.0] (US-Nets' 27 widths, step 0.025) scaling every layer, channels make_divisible(c x m, 8),
 the last 1x1 conv fixed at 1280: 300.77 MFLOPs / 3.50 M params at 1.0x, 59.29 MFLOPs at 0.35x. Per-width
 BN statistics come from post-training calibration (`evaluate` / `search` / `export` calibrate each
@@ -21,18 +21,17 @@ jitter and lighting noise are not in the pipeline. Arguments after the colon:
   :digits          the whole pipeline (train, evaluate, search, export) on scikit-learn's digits with
                    the tiny slimmable space (resolution 24, multipliers 0.35/0.5/0.75/1.0); steps=N
   :tfds            read the prepared TFDS `imagenet2012` instead of an ImageFolder
-  :hw=gpu8         hardware presets (cpu | gpu | gpu8 | tpu): dtype
+The hardware needs no argument (configs/alphanet.py): model.dtype=auto.
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    a = common.parse_arg(arg, digits=False, steps=600, tfds=False, hw="gpu")
+    a = common.parse_arg(arg, digits=False, steps=600, tfds=False)
     if a["digits"]:
         return _digits(a["steps"])
     c = common.base_config("slimmable_mobilenet_v2", "tfds" if a["tfds"] else "imagefolder")
-    common.apply_hardware(c, a["hw"])
     c.batch_size = 1024
     c.num_epochs = 250
     c.warmup_epochs = 0

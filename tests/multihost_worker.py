@@ -3,10 +3,12 @@
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUTDIR
 
 Trains the tiny quickstart supernet through `train.train_and_evaluate` (jax.distributed on
-127.0.0.1:PORT, 4 CPU devices per process, one shared WORKDIR), with SIGTERM delivered to the
-LAST process only, just before its third step: every process must then stop after that step and
-save it together. Writes OUTDIR/proc{ID}.npz (final params, flattened) and OUTDIR/proc{ID}.json
-(what this host fed the model, the subnets it trained, the summary).
+127.0.0.1:PORT, 4 CPU devices per process, one shared WORKDIR) for 8 steps, saving every 4, and
+exchanging the stop flags every 3 steps (`stop_check_every`; and at the save steps), with SIGTERM
+delivered to the LAST process only, during its fifth step, a step without an exchange: every process
+must go on to step 6, the next exchange, and stop there and save it together. Writes
+OUTDIR/proc{ID}.npz (final params, flattened) and OUTDIR/proc{ID}.json (what this host fed the
+model, the subnets it trained, the steps after which it exchanged stop flags, the summary).
 """
 
 import hashlib
@@ -29,30 +31,33 @@ import numpy as np  # noqa: E402
 from alphanet_jax import data as data_lib  # noqa: E402
 from alphanet_jax import mesh as mesh_lib  # noqa: E402
 from alphanet_jax import train  # noqa: E402
-from alphanet_jax.search_space import get_space, sandwich_subnets  # noqa: E402
+from alphanet_jax.sampling import sandwich_subnets  # noqa: E402
+from alphanet_jax.search_space import get_space  # noqa: E402
 from configs import quickstart  # noqa: E402
 
-TOTAL_STEPS = 4
-SIGTERM_BEFORE_STEP = 2  # 0-based: the last process is "preempted" during its third step
+TOTAL_STEPS = 8
+SIGTERM_BEFORE_STEP = 4  # 0-based: the last process is "preempted" during its fifth step
+STOP_STEP = 6  # the next exchange of stop flags (stop_check_every=3), where every process stops
 
 
 def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
     c = quickstart.get_config()
     c.batch_size = 16  # 2 per device, 8 per host
     c.total_steps = TOTAL_STEPS
-    # Seed 27: the random subnets of steps 0-2 all run at resolution 16, so each process compiles
-    # one student program instead of two (the sequence itself is what the test checks, not its content).
+    # Seed 27: any seed would do (the sequence itself is what the test checks, not its content); the
+    # programs of both resolutions are compiled before the first step (precompile) whatever it draws.
     c.seed = 27
     c.data.num_workers = 1
     c.data_prefetch = 2
-    c.checkpoint.every_steps = 2
+    c.checkpoint.every_steps = 4
+    c.stop_check_every = 3
     c.eval.at_end = False
-    c.log_every_steps = 1
+    c.log_every_steps = 100  # the host waits for the device only at saves (4) and exchanges (3, 6)
     c.distributed.coordinator_address = f"127.0.0.1:{port}"
     c.distributed.num_processes = nproc
     c.distributed.process_id = pid
 
-    fed, trained, iterators = [], [], []
+    fed, trained, iterators, exchanges = [], [], [], []
 
     real_to_global = mesh_lib.to_global
 
@@ -77,7 +82,14 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
         iterators.append(it)
         return it
 
+    real_any_process = mesh_lib.any_process
+
+    def any_process(flag):  # the steps after which this process exchanges its stop flag
+        exchanges.append(len(trained))
+        return real_any_process(flag)
+
     mesh_lib.to_global = to_global
+    mesh_lib.any_process = any_process
     train.sandwich_subnets = subnets
     data_lib.make_train_iterator = make_train_iterator
 
@@ -94,13 +106,13 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
 
     it = iterators[-1]  # the iterator that fed training (the first one only probed steps per epoch)
     space = get_space(c.space)
-    fallback = _restore_with_step_3_corrupted_on_the_last_process(c, space, workdir, pid, nproc)
+    fallback = _restore_with_the_stop_step_corrupted_on_the_last_process(c, space, workdir, pid, nproc)
     report = {
         "process_index": jax.process_index(), "process_count": jax.process_count(),
         "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
         "interrupted": out["interrupted"], "steps": out["steps"], "ckpt_step": ckpt_step,
         "restored_equal": restored_equal,
-        "fed": fed, "trained": trained,
+        "fed": fed, "trained": trained, "exchanges": exchanges,
         "iterator": {"process_index": it.process_index, "process_count": it.process_count,
                      "examples": it.epoch_indices(0)[:out["steps"] * it.batch_size].tolist()},
         "subnet_sequence": [[s.to_dict() for s in real_subnets(space, c.seed, step, 4)] for step in range(8)],
@@ -112,9 +124,9 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
     jax.distributed.shutdown()
 
 
-def _restore_with_step_3_corrupted_on_the_last_process(c, space, workdir, pid, nproc) -> dict:
-    """Step 3 fails verification on the last process only (its digests read differently there): every
-    process must skip it and restore step 2, and it is moved aside once."""
+def _restore_with_the_stop_step_corrupted_on_the_last_process(c, space, workdir, pid, nproc) -> dict:
+    """STOP_STEP fails verification on the last process only (its digests read differently there): every
+    process must skip it and restore the save before it (4), and it is moved aside once."""
     from alphanet_jax import checkpoint as ckpt_lib
 
     mesh = mesh_lib.make_mesh(c.mesh.data)
@@ -125,7 +137,7 @@ def _restore_with_step_3_corrupted_on_the_last_process(c, space, workdir, pid, n
         real_restore, real_digests = ck.restore, ckpt_lib.leaf_digests
 
         def restore(step, *args, **kwargs):
-            if step == 3:  # what this process reads back differs from what was saved
+            if step == STOP_STEP:  # what this process reads back differs from what was saved
                 ckpt_lib.leaf_digests = lambda tree: {k: "0" * 32 for k in real_digests(tree)}
             try:
                 return real_restore(step, *args, **kwargs)

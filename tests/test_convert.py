@@ -15,7 +15,9 @@ import pytest
 
 from alphanet_jax import convert, layers, supernet
 from alphanet_jax.convert import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
-from alphanet_jax.search_space import get_space, resolve, sample_subnet
+from alphanet_jax.resolve import resolve
+from alphanet_jax.sampling import sample_subnet
+from alphanet_jax.search_space import get_space
 
 TINY = get_space("tiny")
 ALPHANET = get_space("alphanet")

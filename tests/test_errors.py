@@ -16,20 +16,20 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from alphanet_jax import checkpoint, data, errors, mesh, search_space as ss, tasks
+from alphanet_jax import checkpoint, data, errors, mesh, presets, search_space as ss, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ss.get_space("tiny")
 
 
 def _bad_subnet_value():
-    d = ss.preset("a0").to_dict()
+    d = presets.preset("a0").to_dict()
     d["kernel_size"][2] = 4
     ss.SubnetConfig.from_dict(d, ss.get_space())
 
 
 def _bad_subnet_length():
-    d = ss.preset("a0").to_dict()
+    d = presets.preset("a0").to_dict()
     d["depth"] = d["depth"][:-1]
     ss.SubnetConfig.from_dict(d, ss.get_space())
 
@@ -139,25 +139,25 @@ def _truncated_pth(tmp):
 
 
 def _subnet_with_unknown_key(tmp):
-    d = ss.preset("a0").to_dict()
+    d = presets.preset("a0").to_dict()
     d["width_multiplier"] = 1.0  # a misspelt width_mult
     ss.SubnetConfig.from_dict(d, ss.get_space())
 
 
 def _subnet_file_that_is_a_directory(tmp):
-    ss.as_subnet(str(tmp), TINY)
+    presets.as_subnet(str(tmp), TINY)
 
 
 def _binary_subnet_file(tmp):
     (tmp / "net.json").write_bytes(bytes(range(256)))
-    ss.as_subnet(str(tmp / "net.json"), TINY)
+    presets.as_subnet(str(tmp / "net.json"), TINY)
 
 
 def _subnet_file_with_a_bad_value(tmp):
     d = TINY.min_subnet().to_dict()
     d["kernel_size"] = [9] * len(d["kernel_size"])
     (tmp / "net.json").write_text(json.dumps(d))
-    ss.as_subnet(str(tmp / "net.json"), TINY)
+    presets.as_subnet(str(tmp / "net.json"), TINY)
 
 
 def _write_junk_images(root, splits=("train", "val")):
@@ -175,12 +175,12 @@ def _every_training_image_undecodable(tmp):
 
 
 CASES = [
-    ("binary subnet file", _binary_subnet_file, ss.SearchSpaceError, r"net\.json' is not valid JSON"),
-    ("subnet file with a bad value", _subnet_file_with_a_bad_value, ss.SearchSpaceError,
+    ("binary subnet file", _binary_subnet_file, errors.SearchSpaceError, r"net\.json' is not valid JSON"),
+    ("subnet file with a bad value", _subnet_file_with_a_bad_value, errors.SearchSpaceError,
      r"subnet file '.*net\.json': .*kernel_size\[0\] = 9 is not allowed"),
-    ("subnet value outside its choices", _bad_subnet_value, ss.SearchSpaceError,
+    ("subnet value outside its choices", _bad_subnet_value, errors.SearchSpaceError,
      r"kernel_size\[2\] = 4 is not allowed .*mb3.*choices \[3, 5\]"),
-    ("subnet list of the wrong length", _bad_subnet_length, ss.SearchSpaceError, r"'depth' has 6 entries.*needs 7"),
+    ("subnet list of the wrong length", _bad_subnet_length, errors.SearchSpaceError, r"'depth' has 6 entries.*needs 7"),
     ("batch not divisible by the devices", _batch_not_divisible, ValueError,
      r"batch_size = 12 is not divisible by the 8 devices.*multiple of 8"),
     ("missing dataset folder", _missing_dataset_folder, FileNotFoundError, r"no-such-imagenet"),
@@ -196,9 +196,9 @@ CASES = [
     ("non-finite state never saved", _checkpoint_non_finite, checkpoint.CheckpointError, r"non-finite values"),
     ("malicious .pth refused without running it", _malicious_pth, ValueError, r"os.system|posix.system|refus"),
     ("truncated .pth", _truncated_pth, ValueError, r"cut.pth"),
-    ("subnet JSON with an unknown key", _subnet_with_unknown_key, ss.SearchSpaceError,
+    ("subnet JSON with an unknown key", _subnet_with_unknown_key, errors.SearchSpaceError,
      r"unknown subnet keys \['width_multiplier'\]; a subnet has \['resolution'"),
-    ("subnet file that is a directory", _subnet_file_that_is_a_directory, ss.SearchSpaceError, r"is a directory"),
+    ("subnet file that is a directory", _subnet_file_that_is_a_directory, errors.SearchSpaceError, r"is a directory"),
     ("every training image undecodable", _every_training_image_undecodable, errors.DataError,
      r"\(4 records\) could be decoded as an image"),
 ]
@@ -266,8 +266,8 @@ def tasks_must_not_run(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("a task started (loading, compiling) before the bad input was refused")
 
-    for name in ("run_evaluate", "run_search", "run_export"):
-        monkeypatch.setattr(tasks, name, never)
+    for name in tasks.TASKS:
+        monkeypatch.setitem(tasks.TASKS, name, never)
     monkeypatch.setattr(tasks.train_lib, "train_and_evaluate", never)
 
 
@@ -281,6 +281,8 @@ RUN_CASES = [
     ("an unknown distillation", {"sandwich.distill": "kld"}, errors.ConfigError, r"sandwich.distill = 'kld'"),
     ("an empty search window", {"search.flops_min": 5.0, "search.flops_max": 1.0}, errors.ConfigError,
      r"search: empty FLOPs window"),
+    ("an unknown depth-skipping choice", {"model.skip_inactive_blocks": "sometimes"}, errors.ConfigError,
+     r"model.skip_inactive_blocks = 'sometimes'"),
 ]
 
 

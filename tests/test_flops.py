@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from alphanet_jax import flops, search_space as ss
+from alphanet_jax import flops, presets, sampling, search_space as ss
 
 # spec §5.2: MFLOPs (rounded to 2 decimals there), params in M with and without dead shortcut convs.
 TABLE = {
@@ -18,7 +18,7 @@ TABLE = {
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_presets_match_reference_table(name):
     mflops, p_profile, p_live = TABLE[name]
-    s = ss.preset(name)
+    s = presets.preset(name)
     # The table gives 2 decimals; exact values agree to the last printed digit.
     assert round(flops.count_flops(s), 2) == pytest.approx(mflops, abs=1e-9)
     assert round(flops.count_params(s, include_unused_shortcuts=True) / 1e6, 3) == pytest.approx(p_profile)
@@ -33,7 +33,7 @@ def test_max_subnet():
 
 def test_a0_worked_example_per_block():
     """spec §5.2 worked example, per layer group, to 3 decimals."""
-    layers = flops.layer_flops(ss.preset("a0"))
+    layers = flops.layer_flops(presets.preset("a0"))
     per = {}
     for name, v in layers:
         key = name.split(".")[0]
@@ -47,7 +47,7 @@ def test_a0_worked_example_per_block():
     assert heads["head.final_expand"] / 1e6 == pytest.approx(10.078, abs=1e-3)
     assert heads["head.feature_mix"] / 1e6 == pytest.approx(2.322, abs=1e-3)
     assert heads["classifier"] / 1e6 == pytest.approx(1.792, abs=1e-3)
-    assert flops.count_flops(ss.preset("a0")) == pytest.approx(203.390, abs=1e-3)
+    assert flops.count_flops(presets.preset("a0")) == pytest.approx(203.390, abs=1e-3)
 
 
 def test_attentivenas_a5_differs():
@@ -63,7 +63,7 @@ def test_flops_monotone_in_every_gene():
     space = ss.get_space()
     rng = random.Random(0)
     for _ in range(30):
-        s = ss.sample_subnet(space, rng)
+        s = sampling.sample_subnet(space, rng)
         base = flops.count_flops(s)
         for f in ("width", "depth", "kernel_size", "expand_ratio"):
             for i, cands in enumerate(space.choices(f)):

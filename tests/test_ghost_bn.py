@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from alphanet_jax import config_check, errors, export, layers, search_space as ss, supernet, train  # noqa: E402
+from alphanet_jax import config_check, errors, export, layers, sampling, supernet, train  # noqa: E402
+from alphanet_jax import search_space as ss  # noqa: E402
 from configs import alphanet as alphanet_config  # noqa: E402
 from configs import quickstart  # noqa: E402
 from test_layers_independent import BN_EPS, EPS32, _np_batch_norm  # noqa: E402
@@ -120,7 +121,7 @@ def test_supernet_groups_equal_separate_batches_logits_and_gradients(tiny_vars):
                            in_axes=(None, 0, 0, None)))
     whole = jax.jit(lambda p, x, enc: plain.apply({"params": p, "batch_stats": bs}, x, enc, train=True))
     rng = random.Random(5)
-    subnets = [TINY.max_subnet(), TINY.min_subnet(), ss.sample_subnet(TINY, rng)]
+    subnets = [TINY.max_subnet(), TINY.min_subnet(), sampling.sample_subnet(TINY, rng)]
     for s in subnets:
         enc = supernet.encode(s, TINY)
         (l_g, z_g), d_g = one(tiny_vars["params"], x, labels, enc)
@@ -149,7 +150,7 @@ def test_masked_equals_static_with_groups_and_one_program_per_resolution(tiny_va
 
     f = jax.jit(fn)
     rng = random.Random(9)
-    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(2)]
+    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(2)]
     x = jax.random.normal(jax.random.PRNGKey(3), (6, 32, 32, 3))
     for s in subnets:
         z, new = f(tiny_vars, x, supernet.encode(s, TINY))

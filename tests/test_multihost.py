@@ -1,8 +1,9 @@
 """Supernet training across 2 real processes (jax.distributed on 127.0.0.1, gloo, 4 CPU devices each).
 
 Both processes run tests/multihost_worker.py: `train.train_and_evaluate` on the tiny quickstart
-config with a shared workdir (Orbax multi-process checkpoints). The last process alone gets
-SIGTERM before step 3 of 4, so both must agree to stop after step 3 and save it together.
+config with a shared workdir (Orbax multi-process checkpoints). The processes exchange their stop
+flags every 3 steps and at the saves (every 4), not after every step. The last process alone gets
+SIGTERM during step 5 of 8, so both must go on to step 6, agree there to stop, and save it together.
 """
 
 import json
@@ -15,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from alphanet_jax.search_space import get_space, sandwich_subnets
+from alphanet_jax.sampling import sandwich_subnets
+from alphanet_jax.search_space import get_space
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 NPROC = 2
@@ -83,20 +85,23 @@ def test_processes_see_one_global_mesh(two_process_run):
 def test_sigterm_on_one_host_stops_all_at_the_same_step(two_process_run):
     for o in two_process_run["outs"]:
         assert o["interrupted"] is True
-        assert o["steps"] == 3
-        assert [t["step"] for t in o["trained"]] == [0, 1, 2]
-        assert o["ckpt_step"] == 3
-    # every_steps=2 -> step 2; the agreed SIGTERM stop -> step 3 (both written by both processes; step 3
+        assert o["steps"] == 6
+        assert [t["step"] for t in o["trained"]] == [0, 1, 2, 3, 4, 5]
+        assert o["ckpt_step"] == 6
+        # stop_check_every=3: the flags are exchanged after steps 3 and 6 and at the save of step 4,
+        # not after every step; the SIGTERM of step 5 waits for the exchange of step 6.
+        assert o["exchanges"] == [3, 4, 6]
+    # every_steps=4 -> step 4; the agreed SIGTERM stop -> step 6 (both written by both processes; step 6
     # was moved aside afterwards, see the next test).
-    assert os.listdir(two_process_run["workdir"] / "checkpoints-damaged") == ["3"]
+    assert os.listdir(two_process_run["workdir"] / "checkpoints-damaged") == ["6"]
     steps = sorted(int(d) for d in os.listdir(two_process_run["workdir"] / "checkpoints") if d.isdigit())
-    assert steps == [2]
+    assert steps == [4]
 
 
 def test_a_step_that_fails_verification_on_one_host_is_skipped_by_all(two_process_run):
     for i, o in enumerate(two_process_run["outs"]):
-        assert o["fallback"]["step"] == 2, o["fallback"]
-        assert len(o["fallback"]["lines"]) == 1 and "checkpoints/3" in o["fallback"]["lines"][0]
+        assert o["fallback"]["step"] == 4, o["fallback"]
+        assert len(o["fallback"]["lines"]) == 1 and "checkpoints/6" in o["fallback"]["lines"][0]
     assert "another process" in two_process_run["outs"][0]["fallback"]["lines"][0]
     assert "corrupted" in two_process_run["outs"][1]["fallback"]["lines"][0]
 
@@ -113,11 +118,11 @@ def test_hosts_end_with_identical_params(two_process_run):
 def test_each_host_reads_its_own_data_shard(two_process_run):
     o0, o1 = two_process_run["outs"]
     for o in (o0, o1):
-        assert len(o["fed"]) == 3 and all(len(f["labels"]) == 8 for f in o["fed"])  # 16 global / 2 hosts
+        assert len(o["fed"]) == 6 and all(len(f["labels"]) == 8 for f in o["fed"])  # 16 global / 2 hosts
     assert (o0["iterator"]["process_index"], o1["iterator"]["process_index"]) == (0, 1)
     assert o0["iterator"]["process_count"] == o1["iterator"]["process_count"] == NPROC
     ex0, ex1 = set(o0["iterator"]["examples"]), set(o1["iterator"]["examples"])
-    assert len(ex0) == len(ex1) == 24 and not ex0 & ex1  # disjoint example indices
+    assert len(ex0) == len(ex1) == 48 and not ex0 & ex1  # disjoint example indices
     for f0, f1 in zip(o0["fed"], o1["fed"]):
         assert f0["images_sha1"] != f1["images_sha1"]
 

@@ -20,6 +20,7 @@ import train_worker  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "workers", "train_worker.py")
 STEPS = 16
+SandwichStep = train.SandwichStep  # the production step, which fault injection wraps
 
 
 def _env(cache_dir):
@@ -98,9 +99,22 @@ def test_sigkill_and_sigterm_resume_to_the_uninterrupted_result(tmp_path):
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
 
 
-def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+def _nan_gradients_at(monkeypatch, steps):
+    """Fault injection from outside the production programs: the training step, wrapped, is fed
+    NaN images at `steps` (0-based), so that every gradient of those steps is NaN."""
+
+    class FaultyStep(SandwichStep):
+        def __call__(self, state, batch, encs, rng):
+            if int(jax.device_get(state["step"])) in steps:
+                batch = dict(batch, image=batch["image"] * np.float32(np.nan))
+            return super().__call__(state, batch, encs, rng)
+
+    monkeypatch.setattr(train, "SandwichStep", FaultyStep)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
     c = train_worker.config(4)
-    c.debug_nan_steps = (1,)
+    _nan_gradients_at(monkeypatch, {1})
     out = train.train_and_evaluate(c, str(tmp_path / "one"))
     assert int(out["state"]["skipped"]) == 1 and out["steps"] == 4
     with open(tmp_path / "one" / "metrics.jsonl") as f:
@@ -128,13 +142,31 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     # Three bad steps in a row stop the run on the device at once: with no log or save step in
     # between, nothing after step 5 is applied, and the host reports it at the final log step.
     c = train_worker.config(8)
-    c.debug_nan_steps = (2, 3, 4)
+    _nan_gradients_at(monkeypatch, {2, 3, 4})
     c.max_consecutive_bad_steps = 3
     c.log_every_steps = c.checkpoint.every_steps = 100
     with pytest.raises(train.TrainingError, match=r"3 consecutive steps had non-finite gradients \(the run "
                                                   r"stopped at step 5\)"):
         train.train_and_evaluate(c, str(tmp_path / "three"))
     assert not os.path.exists(tmp_path / "three" / "checkpoints" / "8")
+
+
+def test_sigterm_stops_a_single_process_after_the_current_step_whatever_stop_check_every(tmp_path, monkeypatch):
+    # One process reads its own flag after every step (no exchange, no wait): stop_check_every, which
+    # spaces the exchanges of a multi-host run (tests/test_multihost.py), does not delay its stop.
+    c = train_worker.config(8)
+    c.stop_check_every = c.log_every_steps = c.checkpoint.every_steps = 100
+    real_subnets = train.sandwich_subnets
+
+    def subnets(space, seed, step, n):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)  # during step 2 of 8, a step without log, save or exchange
+        return real_subnets(space, seed, step, n)
+
+    monkeypatch.setattr(train, "sandwich_subnets", subnets)
+    out = train.train_and_evaluate(c, str(tmp_path / "w"))
+    assert out["interrupted"] is True and out["steps"] == 2
+    assert _checkpoint_steps(tmp_path / "w") == [2]
 
 
 def _event_records(directory):

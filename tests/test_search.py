@@ -429,7 +429,7 @@ def export_setup(tmp_path, monkeypatch):
         for k, v in overrides.items():
             section, field = k.split(".")
             config[section][field] = v
-        return tasks.run_export(config, str(tmp_path))
+        return tasks.export_task(config, str(tmp_path))
 
     return dict(export=export, vars_a=vars_a, Calibrating=Calibrating, path=str(tmp_path / "search" / "pareto.json"))
 

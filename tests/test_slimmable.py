@@ -8,8 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alphanet_jax import evaluate, export, flops, search_space as ss, supernet
-from alphanet_jax.search_space import SearchSpaceError, SubnetConfig
+from alphanet_jax import (evaluate, evolution, export, flops, presets, sampling, search_space as ss, spaces, supernet,
+                          widths)
+from alphanet_jax.errors import SearchSpaceError
+from alphanet_jax.resolve import resolve
+from alphanet_jax.search_space import SubnetConfig
 
 SLIM = ss.get_space("slimmable_mobilenet_v2")
 TINY = ss.get_space("tiny_slimmable")
@@ -20,7 +23,7 @@ PUBLISHED = {1.0: (300, 3.47), 0.75: (209, 2.61), 0.5: (97, 1.95), 0.35: (59, 1.
 
 
 def _bn_channels(s, space):
-    rs = ss.resolve(s, space)
+    rs = resolve(s, space)
     return rs.stem_width + sum((b.mid if b.has_expand else 0) + b.mid + b.out_ch for b in rs.blocks) + rs.head_expand
 
 
@@ -35,7 +38,7 @@ def test_structure_is_mobilenet_v2():
     full = SLIM.width_subnet(1.0)
     assert full.to_dict() == dict(resolution=224, width_mult=1.0, width=[32, 16, 24, 32, 64, 96, 160, 320, 1280],
                                   depth=[1, 2, 3, 4, 3, 3, 1], kernel_size=[3] * 7, expand_ratio=[1, 6, 6, 6, 6, 6, 6])
-    rs = ss.resolve(full, SLIM)
+    rs = resolve(full, SLIM)
     assert [b.stride for b in rs.blocks] == [1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]
     assert [(b.in_ch, b.mid, b.out_ch) for b in rs.blocks[:3]] == [(32, 32, 16), (16, 96, 24), (24, 144, 24)]
     assert not rs.blocks[0].has_expand and all(b.has_expand for b in rs.blocks[1:])
@@ -75,10 +78,10 @@ def test_widths_are_make_divisible_of_one_multiplier():
     bases = [32, 16, 24, 32, 64, 96, 160, 320]
     for m in SLIM.width_multipliers:
         s = SLIM.width_subnet(m)
-        assert list(s.width[:-1]) == [ss.make_divisible(round(b * m, 6), 8) for b in bases]
+        assert list(s.width[:-1]) == [widths.make_divisible(round(b * m, 6), 8) for b in bases]
         assert s.width[-1] == 1280
     # float noise cannot move a value on a rounding boundary: 200 x 0.58 = 116 -> 120
-    assert 200 * 0.58 < 116 and ss.make_divisible(200 * 0.58) == 112 and ss.scaled_width(200, 0.58) == 120
+    assert 200 * 0.58 < 116 and widths.make_divisible(200 * 0.58) == 112 and widths.scaled_width(200, 0.58) == 120
 
 
 def test_space_dict_round_trips_and_alphanet_dict_is_unchanged():
@@ -88,9 +91,9 @@ def test_space_dict_round_trips_and_alphanet_dict_is_unchanged():
         assert d["stages"][0]["base_width"] == sp.width_bases[1] and "widths" not in d["stages"][0]
         assert d["head"] == {"kind": "v2", "widths": list(sp.head_widths)}
     alpha = ss.get_space("alphanet").to_dict()
-    assert "width_multipliers" not in alpha and alpha == ss.SearchSpace.from_config(ss.ALPHANET_SPACE).to_dict()
-    assert set(alpha) == set(ss.ALPHANET_SPACE) and alpha["head"] == ss.ALPHANET_SPACE["head"]
-    assert "slimmable_mobilenet_v2" in ss.SPACES and "tiny_slimmable" in ss.SPACES
+    assert "width_multipliers" not in alpha and alpha == ss.SearchSpace.from_config(spaces.ALPHANET_SPACE).to_dict()
+    assert set(alpha) == set(spaces.ALPHANET_SPACE) and alpha["head"] == spaces.ALPHANET_SPACE["head"]
+    assert "slimmable_mobilenet_v2" in spaces.SPACES and "tiny_slimmable" in spaces.SPACES
     assert "width multiplier" in SLIM.describe()
 
 
@@ -104,7 +107,7 @@ def test_space_dict_round_trips_and_alphanet_dict_is_unchanged():
     (dict(shortcut="sometimes"), "shortcut 'sometimes'"),
 ])
 def test_bad_slimmable_space_definitions_are_refused(change, pattern):
-    d = dict(ss.TINY_SLIMMABLE_SPACE, **change)
+    d = dict(spaces.TINY_SLIMMABLE_SPACE, **change)
     if d["width_multipliers"] is None:
         del d["width_multipliers"]
     with pytest.raises(SearchSpaceError, match=pattern):
@@ -117,14 +120,14 @@ def test_bad_slimmable_space_definitions_are_refused(change, pattern):
 
 
 def test_sandwich_is_max_random_min_and_random_widths_are_uniform():
-    a = ss.sandwich_subnets(SLIM, seed=0, step=3)
+    a = sampling.sandwich_subnets(SLIM, seed=0, step=3)
     assert a[0] == SLIM.width_subnet(1.0) and a[-1] == SLIM.width_subnet(0.35) and len(a) == 4
-    assert a == ss.sandwich_subnets(SLIM, seed=0, step=3)
+    assert a == sampling.sandwich_subnets(SLIM, seed=0, step=3)
     rng = random.Random(0)
     counts = collections.Counter()
     n = 27 * 200
     for _ in range(n):
-        s = ss.sample_subnet(SLIM, rng)
+        s = sampling.sample_subnet(SLIM, rng)
         assert s.width == SLIM.width_subnet(s.width_mult).width
         counts[s.width_mult] += 1
     assert set(counts) == set(SLIM.width_multipliers)
@@ -136,19 +139,19 @@ def test_sandwich_is_max_random_min_and_random_widths_are_uniform():
 def test_mutation_and_crossover_keep_one_consistent_multiplier():
     rng = random.Random(1)
     for _ in range(50):
-        s = ss.sample_subnet(SLIM, rng)
-        assert ss.mutate(s, SLIM, rng, 0.0) == s
-        m = ss.mutate(s, SLIM, rng, 1.0)
+        s = sampling.sample_subnet(SLIM, rng)
+        assert evolution.mutate(s, SLIM, rng, 0.0) == s
+        m = evolution.mutate(s, SLIM, rng, 1.0)
         assert m.width_mult != s.width_mult and m.width == SLIM.width_subnet(m.width_mult).width
         m.validate(SLIM)
-        b = ss.sample_subnet(SLIM, rng)
-        c = ss.crossover(s, b, rng)
+        b = sampling.sample_subnet(SLIM, rng)
+        c = evolution.crossover(s, b, rng)
         assert (c.width, c.width_mult) in ((s.width, s.width_mult), (b.width, b.width_mult))
         c.validate(SLIM)
     # a mutant of a dict without width_mult (the reference format) is still consistent
     plain = SLIM.width_subnet(0.5).to_dict()
     del plain["width_mult"]
-    m = ss.mutate(SubnetConfig.from_dict(plain), SLIM, rng, 1.0)
+    m = evolution.mutate(SubnetConfig.from_dict(plain), SLIM, rng, 1.0)
     assert m.width == SLIM.width_subnet(m.width_mult).width
 
 
@@ -159,10 +162,10 @@ def test_dict_forms_and_names():
     assert SubnetConfig.from_dict(plain, SLIM) == s  # width_mult inferred from the widths
     assert SubnetConfig.from_dict(plain) != s  # without the space nothing is inferred
     assert SubnetConfig.from_dict({"resolution": 224, "width_mult": 0.5}, SLIM) == s
-    assert ss.as_subnet("0.5x", SLIM) == s and ss.as_subnet("1.0x", SLIM) == SLIM.max_subnet()
-    assert ss.as_subnet(SubnetConfig.from_dict(plain), SLIM) == s
-    assert ss.as_subnet("min", SLIM) == SLIM.width_subnet(0.35)
-    assert "width_mult" not in ss.preset("a0").to_dict()
+    assert presets.as_subnet("0.5x", SLIM) == s and presets.as_subnet("1.0x", SLIM) == SLIM.max_subnet()
+    assert presets.as_subnet(SubnetConfig.from_dict(plain), SLIM) == s
+    assert presets.as_subnet("min", SLIM) == SLIM.width_subnet(0.35)
+    assert "width_mult" not in presets.preset("a0").to_dict()
 
 
 @pytest.mark.parametrize("make,pattern", [
@@ -185,17 +188,17 @@ def test_validation_errors_are_clear(make, pattern):
 def test_multiplier_names_and_fields_are_refused_elsewhere():
     alpha = ss.get_space("alphanet")
     with pytest.raises(SearchSpaceError, match="has no width multipliers"):
-        ss.as_subnet("0.5x", alpha)
+        presets.as_subnet("0.5x", alpha)
     with pytest.raises(SearchSpaceError, match="has no width multipliers"):
-        ss.preset("a0").replace(width_mult=1.0).validate(alpha)
+        presets.preset("a0").replace(width_mult=1.0).validate(alpha)
     with pytest.raises(SearchSpaceError, match="width multiplier 0.3 is not in space"):
-        ss.as_subnet("0.3x", SLIM)
+        presets.as_subnet("0.3x", SLIM)
     with pytest.raises(SearchSpaceError, match="missing"):
         SubnetConfig.from_dict({"resolution": 224}, SLIM)
 
 
 def test_flops_window_sampling():
-    s = ss.sample_subnet_in_range(SLIM, random.Random(0), 90, 110)
+    s = evolution.sample_subnet_in_range(SLIM, random.Random(0), 90, 110)
     assert 90 <= flops.count_flops(s, SLIM) <= 110 and s.width_mult in (0.475, 0.5, 0.525, 0.55)
 
 
@@ -272,7 +275,7 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
     for m in (0.35, 0.75):
         s = TINY.width_subnet(m)
         g = jax.device_get(grad(tiny_vars["params"], supernet.encode(s, TINY)))
-        rs = ss.resolve(s, TINY)
+        rs = resolve(s, TINY)
 
         def peak(x):
             return float(np.abs(x).max(initial=0))
@@ -296,7 +299,7 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
 def test_residual_follows_active_widths_when_widths_are_independent():
     """'identity_when_same' with untied widths: a stride-1 first block adds its input only when the
     subnet's in and out widths agree (decided at run time, one program)."""
-    d = dict(ss.TINY_SLIMMABLE_SPACE, name="untied", width_multipliers=None,
+    d = dict(spaces.TINY_SLIMMABLE_SPACE, name="untied", width_multipliers=None,
              stem=dict(widths=[16, 24], kernel_size=3, stride=2),
              stages=[dict(name="a", widths=[16, 24], depths=[1], kernel_sizes=[3], expand_ratios=[2], stride=1,
                           se=False)], head=dict(kind="v2", widths=[32]))
@@ -305,7 +308,7 @@ def test_residual_follows_active_widths_when_widths_are_independent():
     v = _lively(sp, 3)
     subnets = [SubnetConfig(resolution=24, width=w, depth=[1], kernel_size=[3], expand_ratio=[2])
                for w in ([16, 16, 32], [16, 24, 32], [24, 16, 32], [24, 24, 32])]
-    assert [ss.resolve(s, sp).blocks[0].shortcut for s in subnets] == ["identity", "none", "none", "identity"]
+    assert [resolve(s, sp).blocks[0].shortcut for s in subnets] == ["identity", "none", "none", "identity"]
     x = jax.random.normal(jax.random.PRNGKey(5), (3, 24, 24, 3))
     _compare(sp, v, subnets, x, rtol=1e-5)
 
@@ -316,7 +319,7 @@ def test_per_width_bn_calibration_touches_only_that_width(tiny_vars):
     s = TINY.width_subnet(0.5)
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(6), (16, 24, 24, 3)))
     cal = evaluate.calibrate_bn(model, tiny_vars, s, [{"image": x}])
-    rs = ss.resolve(s, TINY)
+    rs = resolve(s, TINY)
     old, new = tiny_vars["batch_stats"], jax.device_get(cal["batch_stats"])
     m, sv = export.extract_subnet(tiny_vars, s, TINY)
     _, st = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(sv, jnp.asarray(x))
@@ -358,14 +361,14 @@ def test_configs():
     assert space == SLIM and c.batch_size == 1024 and c.num_epochs == 250
     assert c.data.image_size == 224 and c.sandwich.num_arch_training == 4
     names = c.eval.subnets.split(",")
-    assert [ss.as_subnet(n, space).width_mult for n in names] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35]
+    assert [presets.as_subnet(n, space).width_mult for n in names] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35]
     lo, hi = flops.count_flops(SLIM.min_subnet(), SLIM), flops.count_flops(SLIM.max_subnet(), SLIM)
     assert c.search.flops_min <= lo and hi <= c.search.flops_max
     d = cfg.get_config("digits")
     tiny = ss.get_space(d.space)
     assert tiny == TINY and d.data.source == "digits" and d.run == "train,evaluate,search,export"
     assert d.data.image_size in tiny.resolutions
-    assert {ss.as_subnet(n, tiny).width_mult for n in d.eval.subnets.split(",")} == set(TINY.width_multipliers)
+    assert {presets.as_subnet(n, tiny).width_mult for n in d.eval.subnets.split(",")} == set(TINY.width_multipliers)
     assert cfg.get_config("digits,steps=20").total_steps == 20
     with pytest.raises(ValueError, match="unknown config argument"):
         cfg.get_config("colour=red")

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alphanet_jax import export, flops, layers, search_space as ss, supernet
+from alphanet_jax import errors, export, flops, layers, presets, sampling, search_space as ss, spaces, supernet
+from alphanet_jax.resolve import resolve
 
 TINY = ss.get_space("tiny")
 ALPHA = ss.get_space("alphanet")
@@ -62,7 +63,7 @@ def _compare(space, variables, subnets, train, x, rtol, dtype=jnp.float32):
 @pytest.mark.parametrize("train", [False, True])
 def test_masked_equals_static_tiny(tiny_vars, train):
     rng = random.Random(7)
-    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(20)]
+    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(20)]
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
     _compare(TINY, tiny_vars, subnets, train, x, rtol=1e-5)
 
@@ -72,7 +73,7 @@ def test_masked_equals_static_tiny_bfloat16(tiny_vars, train):
     """bfloat16 compute (emulated by XLA on CPU): the masked supernet and the static subnet round
     differently (masked full-width tensors vs sliced ones, fused differently), about 1e-2 relative."""
     rng = random.Random(8)
-    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(4)]
+    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(4)]
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
     worst = _compare(TINY, tiny_vars, subnets, train, x, rtol=3e-2, dtype=jnp.bfloat16)
     print(f"largest relative masked-vs-static difference (bf16, train={train}): {worst:.2e}")
@@ -81,7 +82,7 @@ def test_masked_equals_static_tiny_bfloat16(tiny_vars, train):
 def test_bfloat16_logits_come_from_a_float32_classifier(tiny_vars):
     """In bfloat16 the convolutions run in bf16, the classifier (inputs upcast), its bias and the logits
     in float32: the logits are not bf16 numbers, and equal the float32 classifier on the bf16 features."""
-    s = ss.sample_subnet(TINY, random.Random(1))
+    s = sampling.sample_subnet(TINY, random.Random(1))
     x = jax.random.normal(jax.random.PRNGKey(6), (4, 32, 32, 3))
     z16 = supernet.Supernet(space=TINY, dtype=jnp.bfloat16).apply(tiny_vars, x, s)
     z32 = supernet.Supernet(space=TINY).apply(tiny_vars, x, s)
@@ -97,7 +98,7 @@ def test_bfloat16_logits_come_from_a_float32_classifier(tiny_vars):
 @pytest.mark.slow
 def test_masked_equals_static_alphanet_eval(alpha_vars):
     rng = random.Random(11)
-    subnets = [ss.preset("a0"), ss.preset("a6")] + [ss.sample_subnet(ALPHA, rng) for _ in range(8)]  # ~4 s each
+    subnets = [presets.preset("a0"), presets.preset("a6")] + [sampling.sample_subnet(ALPHA, rng) for _ in range(8)]  # ~4 s each
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 3))
     worst = _compare(ALPHA, alpha_vars, subnets, False, x, rtol=1e-4)
     print(f"largest relative masked-vs-static difference (eval): {worst:.2e}")
@@ -106,7 +107,7 @@ def test_masked_equals_static_alphanet_eval(alpha_vars):
 @pytest.mark.slow
 def test_masked_equals_static_alphanet_train(alpha_vars):
     rng = random.Random(12)
-    subnets = [ss.sample_subnet(ALPHA, rng).replace(resolution=192) for _ in range(5)] + [ss.preset("a0")]
+    subnets = [sampling.sample_subnet(ALPHA, rng).replace(resolution=192) for _ in range(5)] + [presets.preset("a0")]
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 3))
     worst = _compare(ALPHA, alpha_vars, subnets, True, x, rtol=1e-4)
     print(f"largest relative masked-vs-static difference (train): {worst:.2e}")
@@ -125,7 +126,7 @@ def test_one_program_per_resolution_over_many_subnets(tiny_vars):
     x = jnp.ones((2, 32, 32, 3))
     seen = set()
     while len(seen) < 12:
-        s = ss.sample_subnet(TINY, rng).replace(resolution=24)
+        s = sampling.sample_subnet(TINY, rng).replace(resolution=24)
         seen.add(s)
         f(tiny_vars, x, supernet.encode(s, TINY))
     assert len(traces) == 1 and f._cache_size() == 1
@@ -138,7 +139,7 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
     w = jax.random.normal(jax.random.PRNGKey(1), (4, TINY.num_classes))
     g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**tiny_vars, "params": p}, x, s, train=True) * w)))(
         tiny_vars["params"])
-    rs = ss.resolve(s, TINY)
+    rs = resolve(s, TINY)
     active = {b.index: b for b in rs.blocks}
     for b in TINY.blocks:
         gb = g[f"block{b.index}"]
@@ -167,9 +168,9 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
 def test_inactive_channels_stay_zero(tiny_vars, train):
     rng = random.Random(5)
     for _ in range(10):
-        s = ss.sample_subnet(TINY, rng)
+        s = sampling.sample_subnet(TINY, rng)
         enc = supernet.encode(s, TINY)
-        rs = ss.resolve(s, TINY)
+        rs = resolve(s, TINY)
         for a in rs.blocks:
             b = TINY.blocks[a.index]
             x = jax.random.normal(jax.random.PRNGKey(a.index), (2, 8, 8, b.max_in))
@@ -249,7 +250,7 @@ def test_drop_connect_rates_follow_global_index():
 
 
 def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
-    s = ss.sample_subnet(TINY, random.Random(9))
+    s = sampling.sample_subnet(TINY, random.Random(9))
     m, sv = export.extract_subnet(tiny_vars, s, TINY)
     export.save_subnet(str(tmp_path / "net"), m, sv)
     m2, sv2 = export.load_subnet_model(str(tmp_path / "net"))
@@ -262,7 +263,7 @@ def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
     with pytest.raises(ValueError, match="do not fit the subnet"):
         export.load_subnet_model(str(tmp_path / "net"))
     cfg_path.write_text(json.dumps(dict(meta, subnet=dict(meta["subnet"], resolution=999))))
-    with pytest.raises(ss.SearchSpaceError, match="resolution 999"):
+    with pytest.raises(errors.SearchSpaceError, match="resolution 999"):
         export.load_subnet_model(str(tmp_path / "net"))
     with pytest.raises(FileNotFoundError, match="not an exported subnet"):
         export.load_subnet_model(str(tmp_path / "nothing"))
@@ -272,7 +273,7 @@ def test_bad_inputs_give_clear_errors(tiny_vars):
     model = supernet.Supernet(space=TINY)
     with pytest.raises(ValueError, match="channels"):
         model.apply(tiny_vars, jnp.ones((1, 32, 32, 1)), TINY.min_subnet())
-    with pytest.raises(ss.SearchSpaceError, match="resolution"):
+    with pytest.raises(errors.SearchSpaceError, match="resolution"):
         model.apply(tiny_vars, jnp.ones((1, 32, 32, 3)), TINY.min_subnet().replace(resolution=40))
 
 
@@ -316,7 +317,7 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
 
     fa, fb = _train_grads(base, tiny_vars, x, w), _train_grads(other, tiny_vars, x, w)
     rng = random.Random(5)
-    for s in [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(4)]:
+    for s in [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(4)]:
         enc = supernet.encode(s, TINY)
         (ga, (za, sa)), (gb, (zb, sb)) = fa(tiny_vars["params"], enc), fb(tiny_vars["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5)
@@ -326,19 +327,25 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
 
 # A tiny space with deep stages, so that `scan_blocks` has groups of several blocks to scan (and
 # groups that mix always-run and depth-optional positions).
-DEEP = ss.get_space(dict(ss.TINY_SPACE, name="tiny_deep", stages=[
-    dict(st, depths=[1, 2, 3, 4]) if i != 1 else dict(st, depths=[2, 4]) for i, st in enumerate(ss.TINY_SPACE["stages"])]))
+DEEP = ss.get_space(dict(spaces.TINY_SPACE, name="tiny_deep", stages=[
+    dict(st, depths=[1, 2, 3, 4]) if i != 1 else dict(st, depths=[2, 4]) for i, st in enumerate(spaces.TINY_SPACE["stages"])]))
 
 
 def test_block_groups_scan_each_stages_same_shape_blocks():
     groups = supernet.block_groups(DEEP)
-    assert [[b.index for b in g] for g in groups] == [[0], [1, 2, 3], [4], [5, 6, 7], [8], [9, 10, 11]]
-    for g in groups[1::2]:
+    # Stage 1 (depths 2, 4): block 5 runs in every subnet, 6 and 7 are depth-optional.
+    assert [[b.index for b in g] for g in groups] == [[0], [1, 2, 3], [4], [5], [6, 7], [8], [9, 10, 11]]
+    for g in groups:
         assert len({(b.stride, b.max_in, b.max_out, b.max_mid, b.max_kernel, b.se) for b in g}) == 1
     assert supernet.resolve_scan_blocks("auto") is (jax.default_backend() == "cpu")
     assert supernet.resolve_scan_blocks("False") is False and supernet.resolve_scan_blocks(True) is True
     with pytest.raises(ValueError, match="scan_blocks"):
         supernet.resolve_scan_blocks("sometimes")
+    assert supernet.resolve_skip_inactive("auto", True) is (jax.default_backend() == "cpu")
+    assert supernet.resolve_skip_inactive("auto", False) is False
+    assert supernet.resolve_skip_inactive("true", False) is True and supernet.resolve_skip_inactive(False, True) is False
+    with pytest.raises(ValueError, match="skip_inactive_blocks"):
+        supernet.resolve_skip_inactive("sometimes", True)
 
 
 @pytest.mark.parametrize("skip_inactive,remat", [(False, False)])
@@ -353,7 +360,7 @@ def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, 
     unrolled, scanned = (_train_grads(supernet.Supernet(space=DEEP, skip_inactive=skip_inactive, remat=remat,
                                                         scan_blocks=scan), variables, x, w) for scan in (False, True))
     rng = random.Random(7)
-    for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [ss.sample_subnet(DEEP, rng) for _ in range(2)]:
+    for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(2)]:
         enc = supernet.encode(s, DEEP)
         (ga, (za, sa)), (gb, (zb, sb)) = unrolled(variables["params"], enc), scanned(variables["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
@@ -366,7 +373,7 @@ def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
     """Widths [12, 20] into an expand ratio of 5: the hidden width is make_divisible(100, 8) = 104, so the
     supernet's tensor must be 104 wide (it was round(20 x 5) = 100, silently truncating the active width
     while FLOPs counted 104); the masked supernet still equals the static subnet."""
-    d = json.loads(json.dumps(ss.TINY_SPACE))
+    d = json.loads(json.dumps(spaces.TINY_SPACE))
     d["name"] = "odd_widths"
     d["stages"][0]["widths"] = [12, 20]
     d["stages"][1]["expand_ratios"] = [5]
@@ -374,8 +381,45 @@ def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
     block = space.blocks[space.stage_blocks(1)[0]]
     assert (block.max_in, block.max_mid) == (20, 104)
     for s in (space.max_subnet(), space.min_subnet()):
-        for b in ss.resolve(s, space).blocks:
+        for b in resolve(s, space).blocks:
             assert b.mid <= space.blocks[b.index].max_mid and b.se_mid <= space.blocks[b.index].max_se
     variables = _lively(supernet.init_variables(space, seed=3), space)
     x = jax.random.normal(jax.random.PRNGKey(6), (2, 24, 24, 3))
     _compare(space, variables, [space.max_subnet(), space.min_subnet()], False, x, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_depth_skipping_loop_gives_the_same_logits_and_gradients(remat):
+    """With scanned blocks, `skip_inactive` runs a stage's depth-optional blocks as a loop over the
+    active ones only (`layers.prefix_scan`, its own backward): train-mode logits and gradients (dropout
+    and drop-connect on) and eval-mode logits equal those of the network that computes every block and
+    discards the inactive ones, for subnets of every depth. Tolerance as the scanned-blocks test."""
+    variables = _lively(supernet.init_variables(DEEP, seed=3), DEEP)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, DEEP.num_classes))
+    models = [supernet.Supernet(space=DEEP, skip_inactive=skip, remat=remat and skip, scan_blocks=True)
+              for skip in (False, True)]
+
+    def grads(model):
+        @jax.jit
+        def f(params, enc):
+            def loss(p):
+                z = model.apply({**variables, "params": p}, x, enc, train=True, dropout_rate=0.3,
+                                drop_connect_rate=0.5, rngs={"dropout": jax.random.PRNGKey(2)})
+                return jnp.sum(z * w), z
+            return jax.grad(loss, has_aux=True)(params)
+        return f
+
+    evals = [jax.jit(lambda v, enc, m=m: m.apply(v, x, enc)) for m in models]
+    full, looped = (grads(m) for m in models)
+    rng = random.Random(11)
+    subnets = [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(3)]
+    assert len({tuple(s.depth) for s in subnets}) >= 4
+    for s in subnets:
+        enc = supernet.encode(s, DEEP)
+        (ga, za), (gb, zb) = full(variables["params"], enc), looped(variables["params"], enc)
+        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
+        for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+        ea, eb = (np.asarray(e(variables, enc)) for e in evals)
+        np.testing.assert_allclose(eb, ea, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ea).max())))

@@ -33,7 +33,8 @@ if str(ROOT) not in sys.path:  # `configs` is a directory of the repo, not an in
 from alphanet_jax import losses  # noqa: E402
 from alphanet_jax import mesh as mesh_lib  # noqa: E402
 from alphanet_jax import train  # noqa: E402
-from alphanet_jax.search_space import get_space, sandwich_subnets  # noqa: E402
+from alphanet_jax.sampling import sandwich_subnets  # noqa: E402
+from alphanet_jax.search_space import get_space  # noqa: E402
 from alphanet_jax.supernet import Supernet, encode  # noqa: E402
 from configs import alphanet as alphanet_config  # noqa: E402
 from configs import quickstart  # noqa: E402
@@ -493,6 +494,34 @@ def test_one_step_equals_hand_computed_gradients_and_sgd(one_step):
     assert int(one_step["1"]["new"]["step"]) == 1
 
 
+@pytest.mark.parametrize("sync_bn", [True, False])
+def test_static_min_program_equals_the_masked_min_subnet(one_step, sync_bn):
+    """The min subnet in its own sliced program gives the masked program's logits, loss and gradient
+    (zero outside its slices), on 8 devices with global and with per-device BN; only the space's min
+    subnet (at its resolution) is routed there."""
+    c = one_step["config"].copy_and_resolve_references()
+    c.model.sync_bn = sync_bn
+    mesh8 = one_step["8"]["mesh"]
+    step = shared_step(train.make_model(c, SPACE), make_tx(c), c, mesh8)
+    p, b = mesh_lib.replicate((one_step["host"]["params"], one_step["host"]["batch_stats"]), mesh8)
+    gb = mesh_lib.to_global(one_step["batch"], mesh8)
+    _, teacher, _ = step.max_subnet(p, b, gb["image"], gb["label"], one_step["encs"][0], one_step["key"])
+    enc = encode(SPACE.min_subnet(), SPACE)
+    assert step.is_min(enc) and not step.is_min(one_step["encs"][-1])  # the fixture's min is at 24, not 16
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    g_static, z_static, m_static = step.min_fn(p, b, zeros, gb["image"], gb["label"], teacher)
+    g_masked, z_masked, m_masked = step.subnet_fn(p, b, zeros, gb["image"], gb["label"], teacher, enc,
+                                                  one_step["key"], np.bool_(False))
+    z_masked = np.asarray(z_masked)
+    np.testing.assert_allclose(np.asarray(z_static), z_masked, rtol=0, atol=1e-5 * np.abs(z_masked).max())
+    assert float(m_static["loss"]) == pytest.approx(float(m_masked["loss"]), rel=1e-5, abs=LOSS_ABS)
+    fs, fm = flat(g_static), flat(g_masked)
+    assert_tree_close(fs, fm, 1e-5)
+    # Outside the min subnet's slices both gradients are exactly zero (e.g. the unused 5x5 kernel ring).
+    ring = "['block0']['dw']['kernel']"
+    assert np.all(fs[ring][0] == 0) and np.all(fm[ring][0] == 0) and np.abs(fs[ring]).max() > 0
+
+
 # ----------------------------------------------------------------------------
 # The training loop: resume, compile counts, metrics
 # ----------------------------------------------------------------------------
@@ -519,12 +548,12 @@ def loop_runs(tmp_path_factory):
         def __init__(self, model, tx, config, mesh):
             self.inner = shared["step"] = shared_step(model, tx, config, mesh)
 
-        def __call__(self, state, batch, encs, rng, poison=False):
+        def __call__(self, state, batch, encs, rng):
             rec = dict(step=int(jax.device_get(state["step"])), image=_digest(batch["image"]),
                        label=_digest(batch["label"]), rng=_digest(rng),
                        encs=[(e.resolution, _digest(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(e)])))
                              for e in encs])
-            out = self.inner(state, batch, encs, rng, poison=poison)
+            out = self.inner(state, batch, encs, rng)
             rec["compiled"] = self.inner.num_compiled()
             calls.setdefault(run["name"], []).append(rec)
             return out
@@ -721,7 +750,8 @@ def test_cli_bad_subnet_name_fails_clearly(tmp_path):
 
 def test_precompile_builds_every_program_so_steps_compile_nothing():
     """SandwichStep.precompile compiles one subnet program per resolution (the max subnet's included), the
-    zero inputs and the update up front (in parallel threads); the steps after it, over every resolution, trigger no compilation."""
+    static min subnet's and the update up front; the steps after it, over every resolution, trigger no
+    compilation (the max subnet's zero inputs come from the host or the previous update)."""
     from jax import monitoring
 
     backend_compile = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
@@ -737,7 +767,8 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
                                 "label": rng.integers(0, 10, BATCH).astype(np.int32)}, mesh)
     keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(6)]
     secs = step.precompile(state, batch, train.step_encodings(SPACE), keys[0])
-    assert set(secs) == {"zeros", "subnets @ 16", "subnets @ 24 (and max)", "update"}
+    assert set(secs) == {"subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"}
+    assert len(secs) == len(SPACE.resolutions) + 2
     encs = [[encode(s, SPACE) for s in sandwich_subnets(SPACE, 0, i, 4)] for i in range(6)]
     assert {e.resolution for es in encs for e in es[1:]} == set(SPACE.resolutions)
 
