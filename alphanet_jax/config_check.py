@@ -87,6 +87,10 @@ def validate_config(config: Any, tasks: Iterable[str] = ("train",)) -> None:
     a, b = _get(config, "sandwich.alpha_min"), _get(config, "sandwich.alpha_max")
     if _MISSING not in (a, b) and a > b:
         raise ConfigError(f"sandwich.alpha_min = {a} is larger than sandwich.alpha_max = {b}")
+    if "train" in tasks and _get(config, "model.bn_group_size") is not _MISSING:
+        # The device count is known once jax starts; with mesh.data given, the per-device batch is known now.
+        n = _get(config, "mesh.data")
+        train.check_bn_group_size(config, n if _is_int(n) and n >= 1 and _is_int(config.batch_size) else None)
     if _get(config, "data") is not _MISSING:
         _checked("data", lambda: data_lib.resolve_config(config.data))
     if _get(config, "space") is not _MISSING and get_space(config.space).in_channels != 3:

@@ -28,17 +28,18 @@ Array = jax.Array
 FORMAT = "alphanet-jax-subnet/1"
 
 
-def _bn(x, p, s, train, eps, axis_name=None):
-    y, new = layers.batch_norm(x, p, s, jnp.ones((x.shape[-1],), bool), train=train, eps=eps, axis_name=axis_name)
+def _bn(x, p, s, train, eps, axis_name=None, group_size=0):
+    y, new = layers.batch_norm(x, p, s, jnp.ones((x.shape[-1],), bool), train=train, eps=eps, axis_name=axis_name,
+                               group_size=group_size)
     return y, new
 
 
 def _static_bn(module: nn.Module, name: str, x: Array, c: int, *, train: bool, eps: float,
-               axis_name: str | None = None) -> Array:
+               axis_name: str | None = None, group_size: int = 0) -> Array:
     """A named BN of `module` over all c channels; writes batch statistics when they are mutable."""
     p = module.param(name, lambda k: {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))})
     sv = module.variable("batch_stats", name, lambda: {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))})
-    y, new = _bn(x, p, sv.value, train, eps, axis_name)
+    y, new = _bn(x, p, sv.value, train, eps, axis_name, group_size)
     if train and module.is_mutable_collection("batch_stats") and not module.is_initializing():
         sv.value = new
     return y
@@ -53,6 +54,7 @@ class StaticSubnet(nn.Module):
 
     `bn_axis_name` pmean's train-mode BN statistics over a shard_map axis, as `Supernet`'s
     (training runs the min subnet as a static subnet, train.SandwichStep).
+    `bn_group_size` g > 0: ghost BN in train mode, as `supernet.Supernet`'s.
     """
 
     space: SearchSpace
@@ -61,12 +63,14 @@ class StaticSubnet(nn.Module):
     bn_eps: float = 1e-5
     depthwise_impl: str = "auto"
     bn_axis_name: str | None = None
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> Array:
         space, rs = self.space, resolve(self.subnet, self.space)
         dt = self.dtype
-        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name)
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name,
+                               group_size=self.bn_group_size)
         w = functools.partial(_kernel, self)
         act = layers.activation(space.act)
         x = layers.resize_bicubic(images.astype(jnp.float32), rs.resolution).astype(dt)
@@ -74,7 +78,8 @@ class StaticSubnet(nn.Module):
         x = layers.conv2d(x, w("stem", (k0, k0, space.in_channels, rs.stem_width)), space.stem_stride)
         x = act(bn("stem_bn", x, rs.stem_width))
         for j, b in enumerate(rs.blocks):
-            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, self.bn_axis_name, name=f"blocks{j}")(x, train)
+            x = _StaticBlock(b, self.bn_eps, dt, self.depthwise_impl, self.bn_axis_name, self.bn_group_size,
+                             name=f"blocks{j}")(x, train)
         c = rs.blocks[-1].out_ch if rs.blocks else rs.stem_width
         v3 = space.head_kind == "v3"
 
@@ -89,7 +94,8 @@ class StaticSubnet(nn.Module):
         hs = self.variable("batch_stats", "head", lambda: {"expand_bn": {
             "mean": jnp.zeros((rs.head_expand,)), "var": jnp.ones((rs.head_expand,))}})
         x = layers.pointwise(x, hp["expand"]["kernel"])
-        x, new = _bn(x, hp["expand_bn"], hs.value["expand_bn"], train, self.bn_eps, self.bn_axis_name)
+        x, new = _bn(x, hp["expand_bn"], hs.value["expand_bn"], train, self.bn_eps, self.bn_axis_name,
+                     self.bn_group_size)
         if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
             hs.value = {"expand_bn": new}
         x = act(x)
@@ -98,7 +104,7 @@ class StaticSubnet(nn.Module):
             x = act(x @ hp["feature_mix"]["kernel"].astype(dt))
         cp = self.param("classifier", lambda k: {"kernel": jnp.zeros((rs.head_width, space.num_classes)),
                                                  "bias": jnp.zeros((space.num_classes,))})
-        return (x @ cp["kernel"].astype(dt) + cp["bias"].astype(dt)).astype(jnp.float32)
+        return layers.classifier(x, cp["kernel"], cp["bias"])  # float32, as the supernet's
 
 
 class _StaticBlock(nn.Module):
@@ -107,13 +113,15 @@ class _StaticBlock(nn.Module):
     dtype: Any
     depthwise_impl: str = "auto"
     bn_axis_name: str | None = None
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         b = self.b
         act = layers.activation(b.act)
 
-        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name)
+        bn = functools.partial(_static_bn, self, train=train, eps=self.bn_eps, axis_name=self.bn_axis_name,
+                               group_size=self.bn_group_size)
         kernel = functools.partial(_kernel, self)
 
         h = x

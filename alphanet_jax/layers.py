@@ -323,15 +323,44 @@ def batch_stats(x: Array, axis_name: str | None = None) -> tuple[Array, Array, A
     return mean, var, n
 
 
+def check_group_size(batch: int, group_size: int, axis_name: str | None = None) -> int:
+    """The number of examples each ghost-BN group normalises over: 0 (the whole batch) or `group_size`.
+
+    A group as large as the batch is the whole batch (0). ValueError when `group_size` does not
+    divide `batch`, or when combined with cross-device statistics (`axis_name`).
+    """
+    g = int(group_size or 0)
+    if g < 0:
+        raise ValueError(f"BN group size must be >= 0 (0: the whole batch), got {g}")
+    if g == 0 or g == batch:
+        return 0
+    if axis_name is not None:
+        raise ValueError(f"BN group size {g} with statistics over the devices of axis {axis_name!r} (sync_bn): "
+                         f"ghost BN groups are per device; use one or the other")
+    if batch % g:
+        raise ValueError(f"the batch of {batch} examples is not divisible by the BN group size {g}")
+    return g
+
+
 def batch_norm(x: Array, p: dict, s: dict, mask: Array, *, train: bool, eps: float,
-               axis_name: str | None = None) -> tuple[Array, dict | None]:
+               axis_name: str | None = None, group_size: int = 0) -> tuple[Array, dict | None]:
     """BN restricted to the active channels; inactive channels come out exactly zero.
 
     Train mode normalises with the batch mean and biased variance and returns this
     batch's statistics as {'mean', 'var' (unbiased)}: what a PyTorch BN with
     momentum 1 would store, so averaging them over batches is the reference's
     cumulative-average calibration (spec §7). Eval mode uses the stored `s`.
+
+    `group_size` g > 0 (train mode; ghost / virtual-batch BN): each group of g consecutive
+    examples is normalised with its own statistics, exactly as g examples on their own would be
+    (the reference's per-GPU BN over 32 images, whatever the batch here). It then returns the
+    average over the groups of each group's mean and unbiased variance: what calibrating on the
+    groups as separate batches would give. 0, or g equal to the batch, normalises over the whole
+    batch. Not combined with `axis_name`.
     """
+    g = check_group_size(x.shape[0], group_size, axis_name) if train else 0
+    if g:
+        return _ghost_batch_norm(x, p, s, mask, eps=eps, group_size=g)
     if train:
         mean, var, n = batch_stats(x, axis_name)
         unbiased = var * (n / jnp.maximum(n - 1, 1))
@@ -345,6 +374,35 @@ def batch_norm(x: Array, p: dict, s: dict, mask: Array, *, train: bool, eps: flo
     y = x.astype(jnp.float32) * scale + shift
     y = jnp.where(mask, y, 0.0)
     return y.astype(x.dtype), new
+
+
+def _ghost_batch_norm(x: Array, p: dict, s: dict, mask: Array, *, eps: float, group_size: int
+                      ) -> tuple[Array, dict]:
+    """Train-mode `batch_norm` with statistics per group of `group_size` consecutive examples."""
+    groups = x.shape[0] // group_size
+    xf = x.astype(jnp.float32).reshape((groups, group_size) + x.shape[1:])
+    n = np.prod(xf.shape[1:-1])
+    mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)  # [groups, 1, 1, 1, C]
+    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
+    unbiased = var * (n / jnp.maximum(n - 1, 1))
+    new = {"mean": jnp.where(mask, jnp.mean(mean, axis=(0, 1, 2, 3)), s["mean"]),
+           "var": jnp.where(mask, jnp.mean(unbiased, axis=(0, 1, 2, 3)), s["var"])}
+    scale = p["scale"] * jax.lax.rsqrt(var + eps)
+    shift = p["bias"] - mean * scale
+    y = (xf * scale + shift).reshape(x.shape)
+    y = jnp.where(mask, y, 0.0)
+    return y.astype(x.dtype), new
+
+
+def classifier(x: Array, kernel: Array, bias: Array) -> Array:
+    """The final linear layer in float32 whatever x's dtype: float32 inputs, weights, accumulation and logits.
+
+    Its inputs are upcast (not its output): bfloat16 logits would carry ~3 significant digits into
+    the softmax and the losses. `Precision.HIGHEST` keeps it float32 where the backend would
+    otherwise round float32 matmul inputs (e.g. TF32 on GPUs); on CPU it changes nothing.
+    """
+    return jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST) + bias.astype(jnp.float32)
 
 
 def avg_pool_2x2(x: Array) -> Array:

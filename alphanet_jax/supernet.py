@@ -152,14 +152,15 @@ def block_stats(b: BlockSpec) -> dict:
 
 def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: bool, eps: float,
                    axis_name: str | None, dc_rate: Array, dc_static: bool, rng: Array | None,
-                   index: Any = None, depthwise_impl: str = "auto", kernel_sizes: tuple[int, ...] = ()
-                   ) -> tuple[Array, dict]:
+                   index: Any = None, depthwise_impl: str = "auto", kernel_sizes: tuple[int, ...] = (),
+                   bn_group_size: int = 0) -> tuple[Array, dict]:
     """One block at its maximum shape under the subnet's masks `e`.
 
     `dc_rate` is the block's drop-connect rate (the run's rate x its multiplier i / num_blocks),
     applied when `dc_static` and an rng are given; `index` (default b.index, traced inside a scan)
     folds the block into the rng. `kernel_sizes` (the stage's choices) let the depthwise conv run
-    only the active kernel window's taps (`layers.depthwise`).
+    only the active kernel window's taps (`layers.depthwise`). `bn_group_size`: ghost BN
+    (`layers.batch_norm`).
     """
     act = layers.activation(b.act)
     in_m = layers.channel_mask(e["in_ch"], b.max_in)
@@ -170,13 +171,13 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
     if b.has_expand:
         h = layers.pointwise(h, p["expand"]["kernel"] * (in_m[:, None] & mid_m[None, :]))
         h, new["expand_bn"] = layers.batch_norm(h, p["expand_bn"], s["expand_bn"], mid_m, train=train, eps=eps,
-                                                axis_name=axis_name)
+                                                axis_name=axis_name, group_size=bn_group_size)
         h = jnp.where(mid_m, act(h), 0)
     kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
     h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl, active_kernel=e["kernel"],
                          kernel_sizes=kernel_sizes)
     h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
-                                        axis_name=axis_name)
+                                        axis_name=axis_name, group_size=bn_group_size)
     h = jnp.where(mid_m, act(h), 0)
     if b.se:
         se_m = layers.channel_mask(e["se"], b.max_se)
@@ -188,7 +189,7 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
         h = h * g[:, None, None, :].astype(h.dtype)
     h = layers.pointwise(h, p["project"]["kernel"] * (mid_m[:, None] & out_m[None, :]))
     h, new["project_bn"] = layers.batch_norm(h, p["project_bn"], s["project_bn"], out_m, train=train, eps=eps,
-                                             axis_name=axis_name)
+                                             axis_name=axis_name, group_size=bn_group_size)
     if b.shortcut_mode == "always":
         # Shortcut (spec §2.3): pool if strided, 1x1 conv if the active widths differ.
         sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
@@ -270,7 +271,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
             drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True,
             collect_stats: bool = False, remat: bool = False, depthwise_impl: str = "auto",
-            scan_blocks: bool | str = "auto") -> tuple[Array, dict | None]:
+            scan_blocks: bool | str = "auto", bn_group_size: int = 0) -> tuple[Array, dict | None]:
     """Logits (float32) and, with `collect_stats` in train mode, this batch's BN statistics.
 
     `remat` recomputes each block's activations in the backward pass instead of keeping
@@ -278,6 +279,10 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     `depthwise_impl` picks the depthwise convolution's implementation (`layers.depthwise`).
     `scan_blocks` runs each stage's same-shape blocks as one `lax.scan` body (`block_groups`):
     the same arithmetic in a program a fraction of the size, so it compiles faster.
+    `bn_group_size` g > 0: in train mode every BN normalises each group of g consecutive examples
+    with its own statistics (ghost BN, `layers.batch_norm`); 0: over the whole batch.
+    Precision: convolutions run in `dtype` with float32 BN statistics and normalisation; the
+    classifier, its bias and the logits are float32 whatever `dtype`.
     """
     collect_stats = collect_stats and train
     scan_blocks = resolve_scan_blocks(scan_blocks)
@@ -290,7 +295,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     stem_m = layers.channel_mask(enc.stem, max(space.stem_widths))
     x = layers.conv2d(x, params["stem"]["kernel"] * stem_m, space.stem_stride)
     x, new["stem_bn"] = layers.batch_norm(x, params["stem_bn"], stats["stem_bn"], stem_m, train=train,
-                                          eps=bn_eps, axis_name=axis_name)
+                                          eps=bn_eps, axis_name=axis_name, group_size=bn_group_size)
     x = jnp.where(stem_m, layers.activation(space.act)(x), 0)
     dc_rates = drop_connect_rates(space, drop_connect_only_last_two_stages)
     dc_rate = jnp.asarray(drop_connect_rate, jnp.float32)
@@ -303,7 +308,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
                                    dc_rate=dc_rate * dc_mult, dc_static=dc_static, rng=rng, index=index,
                                    depthwise_impl=depthwise_impl,
-                                   kernel_sizes=space.stages[b.stage].kernel_sizes)
+                                   kernel_sizes=space.stages[b.stage].kernel_sizes, bn_group_size=bn_group_size)
             return y, (ns if collect_stats else None)
 
         if remat:
@@ -368,7 +373,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     hp = params["head"]
     x = layers.pointwise(x, hp["expand"]["kernel"] * (in_m[:, None] & he_m[None, :]))
     x, hn = layers.batch_norm(x, hp["expand_bn"], stats["head"]["expand_bn"], he_m, train=train,
-                              eps=bn_eps, axis_name=axis_name)
+                              eps=bn_eps, axis_name=axis_name, group_size=bn_group_size)
     new["head"] = {"expand_bn": hn}
     x = jnp.where(he_m, act(x), 0)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
@@ -383,8 +388,8 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         keep = jax.random.bernoulli(jax.random.fold_in(rng, 1_000_003), 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
     cp = params["classifier"]
-    logits = x @ (cp["kernel"] * hw_m[:, None]).astype(dtype) + cp["bias"].astype(dtype)
-    return logits.astype(jnp.float32), (new if collect_stats else None)
+    logits = layers.classifier(x, cp["kernel"] * hw_m[:, None], cp["bias"])
+    return logits, (new if collect_stats else None)
 
 
 class Supernet(nn.Module):
@@ -399,6 +404,8 @@ class Supernet(nn.Module):
     keeps them per device, as the reference's `sync_bn: False`.
     Dropout and drop-connect run only when a 'dropout' rng is given.
     `remat` trades compute for memory: block activations are recomputed in the backward pass.
+    `bn_group_size` g > 0: ghost BN in train mode, statistics over each group of g consecutive
+    examples of the (per-device) batch (`forward`); 0: over the whole batch.
     """
 
     space: SearchSpace = get_space(None)
@@ -410,6 +417,7 @@ class Supernet(nn.Module):
     remat: bool = False
     depthwise_impl: str = "auto"
     scan_blocks: bool | str = "auto"
+    bn_group_size: int = 0
 
     @nn.compact
     def __call__(self, images: Array, subnet: SubnetConfig | EncodedSubnet, train: bool = False,
@@ -458,7 +466,7 @@ class Supernet(nn.Module):
                               drop_connect_only_last_two_stages=self.drop_connect_only_last_two_stages,
                               skip_inactive=self.skip_inactive, remat=self.remat,
                               depthwise_impl=self.depthwise_impl, scan_blocks=self.scan_blocks,
-                              collect_stats=self.is_mutable_collection("batch_stats"))
+                              bn_group_size=self.bn_group_size, collect_stats=self.is_mutable_collection("batch_stats"))
         if new is not None:
             for k, var in stat_vars.items():
                 var.value = new[k]

@@ -112,16 +112,48 @@ def compute_dtype(name: str) -> Any:
 
 
 def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_training: bool = True) -> Supernet:
+    """The supernet of a run. `for_training=False` (BN calibration, evaluation, search, export): BN
+    statistics over the whole per-device batch, as the reference calibrates (no sync_bn, no ghost BN)."""
     m = config.model
     scan = supernet_lib.resolve_scan_blocks(m.scan_blocks)
     if m.depthwise_impl not in layers.DEPTHWISE_IMPLS:
         raise errors.ConfigError(f"model.depthwise_impl must be one of {layers.DEPTHWISE_IMPLS}, got "
                                  f"{m.depthwise_impl!r}")
+    if for_training:
+        check_bn_group_size(config)
     return Supernet(space=space, dtype=compute_dtype(m.dtype), bn_eps=m.bn_eps,
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
                     skip_inactive=supernet_lib.resolve_skip_inactive(m.skip_inactive_blocks, scan),
-                    remat=m.remat, depthwise_impl=m.depthwise_impl, scan_blocks=scan)
+                    remat=m.remat, depthwise_impl=m.depthwise_impl, scan_blocks=scan,
+                    bn_group_size=int(m.get("bn_group_size", 0)) if for_training else 0)
+
+
+def check_bn_group_size(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """ConfigError unless model.bn_group_size (ghost BN) fits: an integer >= 0, not with sync_bn, and
+    (given the device count) dividing the per-device batch batch_size / num_devices."""
+    m = config.model
+    g = m.get("bn_group_size", 0)
+    if not isinstance(g, int) or isinstance(g, bool) or g < 0:
+        raise errors.ConfigError(f"model.bn_group_size = {g!r} is not allowed: it must be an integer >= 0 "
+                                 f"(0: BN over the whole per-device batch)")
+    if g == 0:
+        return
+    if m.sync_bn:
+        raise errors.ConfigError(f"model.bn_group_size = {g} with model.sync_bn = True: ghost BN groups are per "
+                                 f"device, sync_bn averages over all devices; set one of them off "
+                                 f"(--config.model.bn_group_size=0 or --config.model.sync_bn=False)")
+    if num_devices is None:
+        # Whatever the device count, the per-device batch divides the global one.
+        if config.batch_size % g:
+            raise errors.ConfigError(f"batch_size = {config.batch_size} is not divisible by model.bn_group_size = "
+                                     f"{g}: no per-device batch can be split into BN groups of {g}")
+        return
+    per_device = config.batch_size // num_devices
+    if config.batch_size % num_devices == 0 and per_device % g:
+        raise errors.ConfigError(f"the per-device batch {per_device} (batch_size {config.batch_size} / "
+                                 f"{num_devices} devices) is not divisible by model.bn_group_size = {g}: use a "
+                                 f"group size that divides {per_device}, or 0 (BN over the whole per-device batch)")
 
 
 def distill_loss_fn(config: ml_collections.ConfigDict) -> Callable[[Array, Array, Array], Array]:
@@ -195,7 +227,7 @@ class SandwichStep:
         self.static_min = bool(config.sandwich.static_min)
         self.min_model = export_lib.StaticSubnet(
             space=space, subnet=self.min_config, dtype=model.dtype, bn_eps=model.bn_eps,
-            depthwise_impl=model.depthwise_impl, bn_axis_name=model.bn_axis_name)
+            depthwise_impl=model.depthwise_impl, bn_axis_name=model.bn_axis_name, bn_group_size=model.bn_group_size)
         self.min_fn = jax.jit(self._min_subnet, donate_argnums=(2,) if donate else ())
         # The max subnet's gradient accumulator: zeros made by the previous update (None before
         # the first step: then made on the host, which compiles nothing).
@@ -559,7 +591,7 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str, mesh=None
     """Supernet variables {params, batch_stats} of the newest checkpoint in `workdir`."""
     space = get_space(config.space)
     mesh = mesh or mesh_lib.make_mesh(-1)
-    model = make_model(config, space)
+    model = make_model(config, space, for_training=False)  # the variables' shapes only
     tx = make_optimizer(config, lambda t: 0.0)
     ckdir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckdir):
@@ -584,6 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     space = get_space(config.space)
     mesh = mesh_lib.make_mesh(config.mesh.data)
     host_bs = mesh_lib.host_batch_size(config.batch_size, mesh)
+    check_bn_group_size(config, mesh.devices.size)
     pi, pc = jax.process_index(), jax.process_count()
     info = data_lib.dataset_info(config.data)
     if info["num_classes"] != space.num_classes:

@@ -19,6 +19,9 @@ def get_config(arg=None):
     a = common.parse_arg(arg, tfds=False)
     c = common.base_config("alphanet", "tfds" if a["tfds"] else "imagefolder")
     c.model.skip_inactive_blocks = "auto"  # a long run: a faster step is worth a slower compile (common.py)
+    # BN statistics over 32 images, as the reference's per-GPU BN (64 GPUs x 32, sync_bn off), whatever
+    # the per-device batch here (ghost BN); calibration still uses whole batches of eval.calib_batch_size.
+    c.model.bn_group_size = 32
     c.checkpoint.every_steps = 625  # about one epoch at batch 2048
     c.eval.every_steps = 625 * 10
     c.eval.calib_batch_size = 256

@@ -84,6 +84,9 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # auto (True on CPU, False elsewhere): each stage's same-shape blocks run as one lax.scan body, a smaller
     # program that compiles faster (supernet.forward).
     c.model.scan_blocks = "auto"
+    # Ghost BN in training: statistics over each group of this many consecutive examples of a device's batch
+    # (0: the whole per-device batch); calibration always uses whole batches.
+    c.model.bn_group_size = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # devices on the data axis (-1: all)

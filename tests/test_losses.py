@@ -511,7 +511,7 @@ def extreme_cases():
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
 def test_extreme_inputs_are_finite(case, name):
     s, t = extreme_cases()[case]
-    for dtype in (jnp.float32, jnp.float16):
+    for dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
         sj, tj = jnp.asarray(s, dtype), jnp.asarray(t, dtype)
         out = ALL_LOSSES[name](sj, tj)
         gs, gt = jgrad(ALL_LOSSES[name], sj, tj)
@@ -519,8 +519,12 @@ def test_extreme_inputs_are_finite(case, name):
         assert np.all(np.isfinite(np.asarray(gs, np.float32))), gs
         assert np.all(np.asarray(gt, np.float32) == 0)
     y = jnp.zeros(s.shape[:-1], jnp.int32)
-    assert np.all(np.isfinite(L.label_smoothed_cross_entropy(s, y)))
-    assert np.all(np.isfinite(jax.grad(lambda x: L.label_smoothed_cross_entropy(x, y).sum())(s)))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        sj = jnp.asarray(s, dtype)
+        assert L.label_smoothed_cross_entropy(sj, y).dtype == jnp.float32
+        assert np.all(np.isfinite(L.label_smoothed_cross_entropy(sj, y)))
+        assert np.all(np.isfinite(np.asarray(jax.grad(lambda x: L.label_smoothed_cross_entropy(x, y).sum())(sj),
+                                             np.float32)))
 
 
 def test_limits_where_reference_is_nan():

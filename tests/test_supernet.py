@@ -37,8 +37,8 @@ def alpha_vars():
     return _lively(supernet.init_variables(ALPHA, seed=2), ALPHA)
 
 
-def _compare(space, variables, subnets, train, x, rtol):
-    model = supernet.Supernet(space=space)
+def _compare(space, variables, subnets, train, x, rtol, dtype=jnp.float32):
+    model = supernet.Supernet(space=space, dtype=dtype)
     traces = []
 
     def fn(v, x, enc):
@@ -49,7 +49,7 @@ def _compare(space, variables, subnets, train, x, rtol):
     worst = 0.0
     for s in subnets:
         a = f(variables, x, supernet.encode(s, space))
-        m, sv = export.extract_subnet(variables, s, space)
+        m, sv = export.extract_subnet(variables, s, space, dtype=dtype)
         b = jax.jit(lambda v, x, m=m: m.apply(v, x, train=train))(sv, x)
         err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
         worst = max(worst, err)
@@ -66,6 +66,33 @@ def test_masked_equals_static_tiny(tiny_vars, train):
     subnets = [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(20)]
     x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
     _compare(TINY, tiny_vars, subnets, train, x, rtol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_masked_equals_static_tiny_bfloat16(tiny_vars, train):
+    """bfloat16 compute (emulated by XLA on CPU): the masked supernet and the static subnet round
+    differently (masked full-width tensors vs sliced ones, fused differently), about 1e-2 relative."""
+    rng = random.Random(8)
+    subnets = [TINY.max_subnet(), TINY.min_subnet()] + [ss.sample_subnet(TINY, rng) for _ in range(4)]
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 32, 32, 3))
+    worst = _compare(TINY, tiny_vars, subnets, train, x, rtol=3e-2, dtype=jnp.bfloat16)
+    print(f"largest relative masked-vs-static difference (bf16, train={train}): {worst:.2e}")
+
+
+def test_bfloat16_logits_come_from_a_float32_classifier(tiny_vars):
+    """In bfloat16 the convolutions run in bf16, the classifier (inputs upcast), its bias and the logits
+    in float32: the logits are not bf16 numbers, and equal the float32 classifier on the bf16 features."""
+    s = ss.sample_subnet(TINY, random.Random(1))
+    x = jax.random.normal(jax.random.PRNGKey(6), (4, 32, 32, 3))
+    z16 = supernet.Supernet(space=TINY, dtype=jnp.bfloat16).apply(tiny_vars, x, s)
+    z32 = supernet.Supernet(space=TINY).apply(tiny_vars, x, s)
+    assert z16.dtype == jnp.float32
+    z16 = np.asarray(z16)
+    assert np.mean(z16 != z16.astype(jnp.bfloat16).astype(np.float32)) > 0.5  # not rounded to bf16
+    assert float(np.max(np.abs(z16 - np.asarray(z32))) / np.max(np.abs(np.asarray(z32)))) < 3e-2
+    m, sv = export.extract_subnet(tiny_vars, s, TINY, dtype=jnp.bfloat16)
+    zs = np.asarray(m.apply(sv, x))
+    assert zs.dtype == np.float32 and np.mean(zs != zs.astype(jnp.bfloat16).astype(np.float32)) > 0.5
 
 
 @pytest.mark.slow

@@ -357,6 +357,66 @@ def test_per_device_bn_really_is_per_device(one_step):
     assert float(m8["loss"]) == pytest.approx(float(jnp.mean(per_chunk)), rel=1e-5, abs=LOSS_ABS)
 
 
+def _sandwich_grads(step, host, batch, encs, key):
+    """The summed gradient of the 4 subnets (flat), the teacher logits and the 4 losses of one step."""
+    mesh = step.mesh
+    p, b = mesh_lib.replicate((host["params"], host["batch_stats"]), mesh)
+    gb = mesh_lib.to_global(batch, mesh)
+    g, teacher, m = step.max_subnet(p, b, gb["image"], gb["label"], encs[0], key)
+    losses_ = [float(m["loss"])]
+    for e in encs[1:]:
+        g, m = step.student(p, b, g, gb["image"], gb["label"], teacher, e, key)
+        losses_.append(float(m["loss"]))
+    return flat(g), np.asarray(teacher), np.asarray(losses_)
+
+
+def test_ghost_bn_on_one_device_equals_per_device_bn_on_a_mesh(one_step):
+    """model.bn_group_size = 2 on 1 device (a batch of 16: 8 groups of 2) gives the losses, teacher
+    logits and summed gradients of sync_bn=False on 8 devices of 2 examples each without grouping."""
+    c8 = one_step["config"].copy_and_resolve_references()
+    c8.model.sync_bn = False  # the config of test_per_device_bn_really_is_per_device: shares its programs
+    c1 = c8.copy_and_resolve_references()
+    c1.model.bn_group_size = BATCH // 8
+    out = {}
+    for name, c, mesh in (("8", c8, one_step["8"]["mesh"]), ("1", c1, one_step["1"]["step"].mesh)):
+        step = shared_step(train.make_model(c, SPACE), make_tx(c), c, mesh)
+        out[name] = _sandwich_grads(step, one_step["host"], one_step["batch"], one_step["encs"], one_step["key"])
+    (g8, t8, l8), (g1, t1, l1) = out["8"], out["1"]
+    np.testing.assert_allclose(t1, t8, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=LOSS_ABS)
+    # The same float32 arithmetic reduced in another order: the students' gradients are small
+    # differences of probabilities (q - p) that carry the teacher logits' ~1e-6 differences; on the
+    # whole gradient's scale, as test_one_step_is_the_same_on_1_and_8_devices_with_global_bn.
+    assert_tree_close(g1, g8, 1e-4)
+    # ... and not those of BN over the whole 16 (the 1-device global-BN step).
+    g_whole, _, _ = _sandwich_grads(one_step["1"]["step"], one_step["host"], one_step["batch"], one_step["encs"],
+                                    one_step["key"])
+    assert max(np.abs(g_whole[k] - g1[k]).max() / (np.abs(g1[k]).max() + 1e-12) for k in g1) > 1e-2
+
+
+def test_bfloat16_step_is_close_to_the_float32_step(one_step):
+    """model.dtype = bfloat16 (convolutions in bf16, BN statistics, classifier, logits and losses in
+    float32) on CPU, where XLA emulates bf16: one sandwich step's losses within a few percent of the
+    float32 step's, the summed gradient's cosine similarity > 0.99."""
+    c = one_step["config"].copy_and_resolve_references()
+    c.model.dtype = "bfloat16"
+    mesh = one_step["1"]["step"].mesh
+    args = (one_step["host"], one_step["batch"], one_step["encs"], one_step["key"])
+    g32, t32, l32 = _sandwich_grads(one_step["1"]["step"], *args)
+    g16, t16, l16 = _sandwich_grads(shared_step(train.make_model(c, SPACE), make_tx(c), c, mesh), *args)
+    assert t16.dtype == np.float32 and all(v.dtype == np.float32 for v in g16.values())
+    a = np.concatenate([g16[k].ravel() for k in g32]).astype(np.float64)
+    b = np.concatenate([g32[k].ravel() for k in g32]).astype(np.float64)
+    cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    rel_loss = np.abs(l16 - l32) / np.abs(l32)
+    rel_logits = np.abs(t16 - t32).max() / np.abs(t32).max()
+    print(f"bf16 vs fp32: losses {l16} vs {l32} (relative {rel_loss}), teacher logits {rel_logits:.2e} "
+          f"relative, gradient cosine {cos:.5f}, norm ratio {np.linalg.norm(a) / np.linalg.norm(b):.4f}")
+    assert np.all(rel_loss < 0.05), rel_loss
+    assert cos > 0.99, cos
+    assert rel_logits < 0.05
+
+
 def test_dropout_and_drop_connect_apply_to_the_max_subnet_only(one_step):
     """With dropout and drop-connect 0.5 the max subnet's logits and gradient change, the students'
     gradients do not: they equal those of the same step without dropout (the students share the max
@@ -434,13 +494,14 @@ def test_one_step_equals_hand_computed_gradients_and_sgd(one_step):
     assert int(one_step["1"]["new"]["step"]) == 1
 
 
-@pytest.mark.parametrize("sync_bn", [True, False])
-def test_static_min_program_equals_the_masked_min_subnet(one_step, sync_bn):
+@pytest.mark.parametrize("sync_bn,group", [(True, 0), (False, 0), (False, 1)])
+def test_static_min_program_equals_the_masked_min_subnet(one_step, sync_bn, group):
     """The min subnet in its own sliced program gives the masked program's logits, loss and gradient
-    (zero outside its slices), on 8 devices with global and with per-device BN; only the space's min
-    subnet (at its resolution) is routed there."""
+    (zero outside its slices), on 8 devices with global, per-device and ghost BN (groups of 1 of the 2
+    examples per device); only the space's min subnet (at its resolution) is routed there."""
     c = one_step["config"].copy_and_resolve_references()
     c.model.sync_bn = sync_bn
+    c.model.bn_group_size = group
     mesh8 = one_step["8"]["mesh"]
     step = shared_step(train.make_model(c, SPACE), make_tx(c), c, mesh8)
     p, b = mesh_lib.replicate((one_step["host"]["params"], one_step["host"]["batch_stats"]), mesh8)
