@@ -27,6 +27,7 @@ from alphanet_jax import evaluate as eval_lib
 from alphanet_jax import export as export_lib
 from alphanet_jax import fingerprint as fingerprint_lib
 from alphanet_jax import mesh as mesh_lib
+from alphanet_jax import onnx_export
 from alphanet_jax import search as search_lib
 from alphanet_jax import train as train_lib
 from alphanet_jax.flops import count_flops, count_params
@@ -188,6 +189,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Calibrates the chosen subnet and writes it as a standalone model directory."""
     space = get_space(config.space)
     e = config.export
+    fmt = onnx_export.check_format(e.get("format", "flax"))  # before any work
     front = None
     if e.subnet:
         subnet = as_subnet(e.subnet, space)
@@ -217,6 +219,10 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> str:
     if jax.process_index() == 0:
         export_lib.save_subnet(directory, static, jax.device_get(sliced), extra={
             "weights": source, "mflops": count_flops(subnet, space), "top1": row["top1"], "top5": row["top5"]})
+        if fmt == "onnx":  # beside the Flax directory: the same calibrated weights, BN folded
+            onnx_path = onnx_export.save_onnx(directory, jax.device_get(calibrated), subnet, space,
+                                              bn_eps=float(config.model.bn_eps), doc=f"alphanet-jax subnet {subnet.to_json()}")
+            _log(f"wrote {onnx_path} (input {onnx_export.INPUT_NAME}: float32 NCHW at {subnet.resolution})")
     _log(f"exported {subnet.to_json()} ({count_flops(subnet, space):.2f} MFLOPs, "
          f"{count_params(subnet, space):,} params, top-1 {row['top1']:.2f}%) to {directory}\n"
          f"load it with: alphanet_jax.export.load_subnet_model({directory!r})")

@@ -72,6 +72,7 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.search = search.default_config()
     c.search.calib_batches = 32
     c.export = ml_collections.ConfigDict(dict(subnet="", max_mflops=0.0, directory=""))
+    c.export.format = "flax"  # "onnx" also writes model.onnx (needs `pip install -e .[deploy]`)
     return c
 
 
