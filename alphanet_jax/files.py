@@ -13,3 +13,11 @@ def atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lays out a matplotlib Figure and saves it as PNG to `path` through a renamed temporary file."""
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    os.replace(tmp, path)

@@ -40,12 +40,13 @@ def load_table(path: str, *, space_id: str, batch_size: int, dtype: str) -> dict
 
 
 def predict_from_keys(table: dict[str, Any], keys: list[str]) -> float:
-    """Predicted ms: the sum of the table's entries for `keys` plus the fitted overhead."""
+    """Predicted ms: the sum of the table's entries for `keys` (times the fitted `scale`, 1 when absent)
+    plus the fitted overhead."""
     missing = [k for k in keys if k not in table["entries"]]
     if missing:
         raise UserError(f"latency table has no entry for block shape(s) {missing[:3]}"
                         f"{' ...' if len(missing) > 3 else ''}: rebuild it (--mode=latency)")
-    return float(sum(table["entries"][k] for k in keys) + table["overhead_ms"])
+    return float(sum(table["entries"][k] for k in keys) * table.get("scale", 1.0) + table["overhead_ms"])
 
 
 def _check_format(table: Any, path: str) -> None:
@@ -62,3 +63,6 @@ def _check_format(table: Any, path: str) -> None:
         raise UserError(f"latency table {path}: entries must map block keys to finite non-negative ms")
     if not isinstance(table["overhead_ms"], (int, float)) or not math.isfinite(table["overhead_ms"]):
         raise UserError(f"latency table {path}: overhead_ms must be a finite number")
+    scale = table.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise UserError(f"latency table {path}: scale must be a finite number > 0, got {scale!r}")

@@ -117,10 +117,10 @@ def subnet_to_onnx(variables: dict, subnet: SubnetConfig, space: SearchSpace | N
     x = g.conv(INPUT_NAME, _hwio_to_oihw(P["stem"]["kernel"]), "stem", space.stem_stride,
                bn=(P["stem_bn"], S["stem_bn"]))
     x = g.act(x, space.act, "stem.act")
-    width = _out_size(rs.resolution, space.stem_kernel, space.stem_stride)
+    width = export_lib.conv_out_size(rs.resolution, space.stem_kernel, space.stem_stride)
     for j, b in enumerate(rs.blocks):
         x = _block(g, x, width, b, P[f"blocks{j}"], S[f"blocks{j}"], f"blocks{j}")
-        width = _out_size(width, b.kernel, b.stride)
+        width = export_lib.conv_out_size(width, b.kernel, b.stride)
     H, HS = P["head"], S["head"]
     x = g.conv(x, _pw(H["expand"]["kernel"]), "head.expand", bn=(H["expand_bn"], HS["expand_bn"]))
     x = g.act(x, space.act, "head.expand.act")
@@ -143,11 +143,6 @@ def subnet_to_onnx(variables: dict, subnet: SubnetConfig, space: SearchSpace | N
                                    producer_name="alphanet-jax", doc_string=layout)
     onnx.checker.check_model(model)
     return model
-
-
-def _out_size(w: int, k: int, stride: int) -> int:
-    """A conv's output width with the symmetric k//2 padding."""
-    return (w + 2 * (k // 2) - k) // stride + 1
 
 
 def _block(g: _Graph, x: str, width: int, b: Any, q: dict, t: dict, name: str) -> str:

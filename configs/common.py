@@ -73,6 +73,13 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.search.calib_batches = 32
     c.export = ml_collections.ConfigDict(dict(subnet="", max_mflops=0.0, directory=""))
     c.export.format = "flax"  # "onnx" also writes model.onnx (needs `pip install -e .[deploy]`)
+    c.export.max_latency_ms = 0.0  # > 0: the most accurate searched subnet predicted within this many ms
+    # --mode=latency: time the space's parts on this device (runtime xla: jit on the default backend),
+    # fit on `fit_subnets` whole subnets, validate on `validate_subnets` others. `table`: a table to search
+    # with (e.g. built on the target device); default DIR/latency/table.json. statistic: "median" of the
+    # repeats, or "min" (steadier on a machine shared with other work, which only adds time).
+    c.latency = ml_collections.ConfigDict(dict(runtime="xla", batch_size=1, warmup=3, repeats=20, fit_subnets=10,
+                                               validate_subnets=30, seed=0, table="", statistic="median"))
     return c
 
 
