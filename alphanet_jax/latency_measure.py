@@ -40,12 +40,12 @@ import numpy as np
 from alphanet_jax import export as export_lib
 from alphanet_jax import latency
 from alphanet_jax import layers
-from alphanet_jax.errors import UserError
+from alphanet_jax.errors import MissingDependencyError, UserError
 from alphanet_jax.files import save_figure
 from alphanet_jax.flops import count_flops
 from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space, resolve, sample_subnet
 
-RUNTIMES = ("xla",)
+RUNTIMES = ("xla", "onnxruntime")
 TABLE_FILE = "table.json"
 DTYPE = "float32"  # what the timers run
 TARGETS = {"spearman": 0.95, "within_10pct": 0.90}
@@ -145,21 +145,29 @@ def space_parts(space: SearchSpace | None = None) -> dict[str, Part]:
 # ----------------------------------------------------------------------------
 
 
-STATISTICS = {"median": statistics.median, "min": min}
+STATISTICS = {"median": statistics.median, "min": min}  # of each call's samples; on a shared machine,
+# other work only adds time: the min is the steadier
 
 
-def time_call(fn: Callable[[], Any], warmup: int, repeats: int, statistic: str = "median") -> float:
-    """Median (or min) wall time of `fn()` in ms, synchronised (`block_until_ready`), after one compiling
-    call and `warmup` more. On a shared machine, other work only adds time: the min is the more stable."""
-    jax.block_until_ready(fn())
-    for _ in range(warmup):
+def _ready(fn: Callable[[], Any], warmup: int) -> Callable[[], Any]:
+    """`fn` after one (compiling) call and `warmup` more."""
+    for _ in range(1 + warmup):
         jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return 1e3 * STATISTICS[statistic](times)
+    return fn
+
+
+def measure_calls(calls: Sequence[Callable[[], Any]], repeats: int, rounds: int, statistic: str) -> list[float]:
+    """The median (or min) time in ms of each call over `rounds` rounds of `repeats` synchronised runs: the
+    rounds go over all calls in turn, so a burst of other work on the machine falls on a few samples of
+    many calls rather than on every sample of one."""
+    samples: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for fn, out in zip(calls, samples):
+            for _ in range(repeats):
+                t = time.perf_counter()
+                jax.block_until_ready(fn())
+                out.append(time.perf_counter() - t)
+    return [1e3 * STATISTICS[statistic](x) for x in samples]
 
 
 def _random_like(tree: Any, seed: int) -> Any:
@@ -169,39 +177,55 @@ def _random_like(tree: Any, seed: int) -> Any:
                         tree)
 
 
-def _bn_vars(c: int) -> tuple[dict, dict]:
-    return {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}, {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
+def part_variables(part: Part, space: SearchSpace, seed: int = 0) -> dict:
+    """Random variables of one part in `export.StaticSubnet`'s layout (a block's own, or the stem's or the
+    head's and classifier's entries)."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    if part.kind == "block":
+        module = export_lib._StaticBlock(part.block, 1e-5, jnp.float32)
+        shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, part.width, part.width, part.block.in_ch)), False))
+    elif part.kind == "stem":
+        (cin, c), k = part.channels, space.stem_kernel
+        shapes = {"params": {"stem": {"kernel": f32(k, k, cin, c)}, "stem_bn": {"scale": f32(c), "bias": f32(c)}},
+                  "batch_stats": {"stem_bn": {"mean": f32(c), "var": f32(c)}}}
+    else:
+        c, e, w = part.channels
+        head = {"expand": {"kernel": f32(c, e)}, "expand_bn": {"scale": f32(e), "bias": f32(e)}}
+        if space.head_kind == "v3":
+            head["feature_mix"] = {"kernel": f32(e, w)}
+        shapes = {"params": {"head": head, "classifier": {"kernel": f32(w, space.num_classes),
+                                                          "bias": f32(space.num_classes)}},
+                  "batch_stats": {"head": {"expand_bn": {"mean": f32(e), "var": f32(e)}}}}
+    return _random_like(shapes, seed)
 
 
-def _stem_fn(space: SearchSpace, cin: int, cout: int, eps: float) -> tuple[Callable, dict]:
-    """The stem as `export.StaticSubnet` runs it: conv, eval BN, activation."""
-    k = space.stem_kernel
+def _part_apply(part: Part, space: SearchSpace, eps: float) -> Callable:
+    """`fn(variables, x_nhwc)` of one part, as `export.StaticSubnet` runs it (eval mode)."""
     act = layers.activation(space.act)
-    p, s = _bn_vars(cout)
-    v = {"kernel": 0.1 * jnp.ones((k, k, cin, cout)), "bn": p, "stats": s}
+    if part.kind == "block":
+        module = export_lib._StaticBlock(part.block, eps, jnp.float32)
+        return lambda v, x: module.apply(v, x, False)
+    if part.kind == "stem":
+        def stem(v, x):
+            P, S = v["params"], v["batch_stats"]
+            y = layers.conv2d(x, P["stem"]["kernel"], space.stem_stride)
+            return act(export_lib._bn(y, P["stem_bn"], S["stem_bn"], False, eps)[0])
+        return stem
 
-    def fn(v, x):
-        return act(export_lib._bn(layers.conv2d(x, v["kernel"], space.stem_stride), v["bn"], v["stats"],
-                                  False, eps)[0])
-    return fn, v
-
-
-def _head_fn(space: SearchSpace, c: int, expand: int, width: int, eps: float) -> tuple[Callable, dict]:
-    """The head and classifier as `export.StaticSubnet` runs them."""
-    act = layers.activation(space.act)
-    p, s = _bn_vars(expand)
-    v = {"expand": 0.1 * jnp.ones((c, expand)), "bn": p, "stats": s,
-         "classifier": 0.1 * jnp.ones((width, space.num_classes)), "bias": jnp.zeros((space.num_classes,))}
-    if space.head_kind == "v3":
-        v["feature_mix"] = 0.1 * jnp.ones((expand, width))
-
-    def fn(v, x):
-        x = act(export_lib._bn(layers.pointwise(x, v["expand"]), v["bn"], v["stats"], False, eps)[0])
+    def head(v, x):
+        H, HS, C = v["params"]["head"], v["batch_stats"]["head"], v["params"]["classifier"]
+        x = act(export_lib._bn(layers.pointwise(x, H["expand"]["kernel"]), H["expand_bn"], HS["expand_bn"], False,
+                               eps)[0])
         x = jnp.mean(x, axis=(1, 2))
-        if "feature_mix" in v:
-            x = act(x @ v["feature_mix"])
-        return x @ v["classifier"] + v["bias"]
-    return fn, v
+        if "feature_mix" in H:
+            x = act(x @ H["feature_mix"]["kernel"])
+        return x @ C["kernel"] + C["bias"]
+    return head
+
+
+def _in_channels(part: Part) -> int:
+    return part.block.in_ch if part.kind == "block" else part.channels[0]
 
 
 class XlaTimer:
@@ -210,11 +234,11 @@ class XlaTimer:
     runtime = "xla"
 
     def __init__(self, space: SearchSpace, batch_size: int, warmup: int = 3, repeats: int = 20,
-                 bn_eps: float = 1e-5, seed: int = 0, statistic: str = "median"):
+                 bn_eps: float = 1e-5, seed: int = 0, statistic: str = "median", rounds: int = 2):
         from alphanet_jax import supernet  # the supernet's initial weights, sliced per subnet
 
         self.space, self.batch, self.warmup, self.repeats, self.eps = space, batch_size, warmup, repeats, bn_eps
-        self.statistic = statistic
+        self.statistic, self.rounds = statistic, rounds
         self.variables = jax.device_get(supernet.init_variables(space, seed=seed))
         self.dispatch_ms = self._dispatch_ms()
 
@@ -226,33 +250,96 @@ class XlaTimer:
         """The time of launching an (almost) empty program: subtracted from every part."""
         x = jnp.zeros((self.batch, 4), jnp.float32)
         f = jax.jit(lambda x: x[0, 0] + 1.0)
-        return time_call(lambda: f(x), self.warmup, 2 * self.repeats, self.statistic)
+        return self._measure([_ready(lambda: f(x), self.warmup)])[0]
 
-    def part_ms(self, part: Part) -> float:
-        if part.kind == "block":
-            b = part.block
-            module = export_lib._StaticBlock(b, self.eps, jnp.float32)
-            x = self._input(part.width, b.in_ch)
-            v = _random_like(jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), x, False)), 0)
-            fn = jax.jit(lambda v, x: module.apply(v, x, False))
-        elif part.kind == "stem":
-            f, v = _stem_fn(self.space, *part.channels, self.eps)
-            x, fn = self._input(part.width, part.channels[0]), jax.jit(f)
-        else:
-            f, v = _head_fn(self.space, *part.channels, self.eps)
-            x, fn = self._input(part.width, part.channels[0]), jax.jit(f)
-        return max(time_call(lambda: fn(v, x), self.warmup, self.repeats, self.statistic) - self.dispatch_ms, 0.0)
+    def _measure(self, calls: Sequence[Callable[[], Any]]) -> list[float]:
+        return measure_calls(calls, self.repeats, self.rounds, self.statistic)
 
-    def subnet_ms(self, subnet: SubnetConfig) -> float:
+    def part_call(self, part: Part) -> Callable[[], Any]:
+        """One part on a batch, compiled and warmed up."""
+        v, x = part_variables(part, self.space), self._input(part.width, _in_channels(part))
+        fn = jax.jit(_part_apply(part, self.space, self.eps))
+        return _ready(lambda: fn(v, x), self.warmup)
+
+    def subnet_call(self, subnet: SubnetConfig) -> Callable[[], Any]:
         """End to end: the static subnet (`export.extract_subnet`) on a batch at its resolution."""
         model, v = export_lib.extract_subnet(self.variables, subnet, self.space)
         x = self._input(subnet.resolution, self.space.in_channels)
         fn = jax.jit(lambda v, x: model.apply(v, x))
-        return time_call(lambda: fn(v, x), self.warmup, self.repeats, self.statistic)
+        return _ready(lambda: fn(v, x), self.warmup)
+
+    def parts_ms(self, parts: Sequence[Part], log: Callable[[str], None] | None = None) -> list[float]:
+        """Each part's time minus the dispatch time (all parts prepared first, then timed in rounds)."""
+        calls = []
+        for i, p in enumerate(parts):
+            calls.append(self.part_call(p))
+            if log and (i + 1) % 50 == 0:
+                log(f"latency: {i + 1}/{len(parts)} parts compiled")
+        return [max(t - self.dispatch_ms, 0.0) for t in self._measure(calls)]
+
+    def subnets_ms(self, subnets: Sequence[SubnetConfig]) -> list[float]:
+        return self._measure([self.subnet_call(s) for s in subnets])
+
+    def part_ms(self, part: Part) -> float:
+        return self.parts_ms([part])[0]
+
+    def subnet_ms(self, subnet: SubnetConfig) -> float:
+        return self.subnets_ms([subnet])[0]
 
     def describe(self) -> dict:
         dev = jax.devices()[0]
         return {"backend": jax.default_backend(), "device_kind": dev.device_kind, "runtime": self.runtime}
+
+
+class OrtTimer(XlaTimer):
+    """Times parts and whole subnets in onnxruntime (CPU provider): the graphs of `onnx_export`, input NCHW."""
+
+    runtime = "onnxruntime"
+
+    def _session(self, model: Any):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("latency.runtime=onnxruntime needs onnxruntime, an optional dependency: "
+                                         "pip install -e .[deploy]") from None
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def _call(self, model: Any, width: int, channels: int) -> Callable[[], Any]:
+        sess = self._session(model)
+        name = sess.get_inputs()[0].name
+        x = np.asarray(np.transpose(np.asarray(self._input(width, channels)), (0, 3, 1, 2)), np.float32)
+        return _ready(lambda: sess.run(None, {name: x}), self.warmup)
+
+    def _dispatch_ms(self) -> float:
+        from alphanet_jax import onnx_export
+
+        onnx = onnx_export._onnx()
+        h = onnx.helper
+        graph = h.make_graph([h.make_node("Identity", ["x"], ["y"])], "empty",
+                             [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [self.batch, 4, 1, 1])],
+                             [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+        model = h.make_model(graph, opset_imports=[h.make_opsetid("", onnx_export.OPSET)])
+        return self._measure([self._call(model, 1, 4)])[0]
+
+    def part_call(self, part: Part) -> Callable[[], Any]:
+        from alphanet_jax import onnx_export
+
+        model = onnx_export.part_to_onnx(part.kind, jax.device_get(part_variables(part, self.space)), self.space,
+                                         part.width, _in_channels(part), part.block, self.eps)
+        return self._call(model, part.width, _in_channels(part))
+
+    def subnet_call(self, subnet: SubnetConfig) -> Callable[[], Any]:
+        from alphanet_jax import onnx_export
+
+        model = onnx_export.subnet_to_onnx(self.variables, subnet, self.space, self.eps)
+        return self._call(model, subnet.resolution, self.space.in_channels)
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {"backend": "cpu", "device_kind": f"onnxruntime {ort.__version__} CPUExecutionProvider "
+                                                 f"({platform.processor() or platform.machine()})",
+                "runtime": self.runtime}
 
 
 def make_timer(runtime: str, space: SearchSpace, batch_size: int, **kw: Any):
@@ -260,7 +347,7 @@ def make_timer(runtime: str, space: SearchSpace, batch_size: int, **kw: Any):
         raise UserError(f"latency.runtime = {runtime!r} is not known: one of {list(RUNTIMES)}")
     if kw.get("statistic", "median") not in STATISTICS:
         raise UserError(f"latency.statistic = {kw['statistic']!r} is not known: one of {list(STATISTICS)}")
-    return XlaTimer(space, batch_size, **kw)
+    return (OrtTimer if runtime == "onnxruntime" else XlaTimer)(space, batch_size, **kw)
 
 
 # ----------------------------------------------------------------------------
@@ -278,14 +365,13 @@ def build_table(timer: Any, space: SearchSpace, dtype: str = "float32", old: dic
         f"timing {len(todo)} on {timer.describe()['backend']} (batch {timer.batch}, "
         f"{getattr(timer, 'statistic', 'median')} of {timer.repeats})")
     t0 = time.perf_counter()
-    for i, p in enumerate(todo):
-        entries[p.key] = round(timer.part_ms(p), 6)
-        if (i + 1) % 50 == 0:
-            log(f"latency: {i + 1}/{len(todo)} parts timed ({time.perf_counter() - t0:.0f} s)")
+    for p, ms in zip(todo, timer.parts_ms(todo, log=log)):
+        entries[p.key] = round(ms, 6)
+    log(f"latency: {len(todo)} parts timed ({time.perf_counter() - t0:.0f} s)")
     table = {"version": latency.TABLE_VERSION, "space_id": space_id(space), **timer.describe(),
              "host": host(), "batch_size": int(timer.batch), "dtype": dtype, "entries": entries,
              "overhead_ms": 0.0, "scale": 1.0, "dispatch_ms": round(timer.dispatch_ms, 6),
-             "timing": {"warmup": timer.warmup, "repeats": timer.repeats,
+             "timing": {"warmup": timer.warmup, "repeats": timer.repeats, "rounds": getattr(timer, "rounds", 1),
                         "statistic": getattr(timer, "statistic", "median")}}
     return table
 
@@ -373,13 +459,13 @@ def plot_validation(path: str, rows: list[dict], report: dict, title: str) -> No
     ax = fig.add_subplot(1, 1, 1)
     meas = [r["measured_ms"] for r in rows]
     lt, mf = report["latency_table"], report["mflops"]
+    lo, hi = min(meas), max(meas)
+    ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="0.88", label="+-10 %", zorder=0)
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, zorder=1)
     ax.scatter(meas, [r["predicted_ms"] for r in rows], s=14, c="tab:blue",
                label=f"latency table (Spearman {lt['spearman']:.3f}, {100 * lt['within_10pct']:.0f} % within 10 %)")
     ax.scatter(meas, [r["mflops_predicted_ms"] for r in rows], s=10, c="tab:orange", marker="x",
                label=f"MFLOPs line (Spearman {mf['spearman']:.3f}, {100 * mf['within_10pct']:.0f} % within 10 %)")
-    lo, hi = min(meas), max(meas)
-    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-    ax.fill_between([lo, hi], [0.9 * lo, 0.9 * hi], [1.1 * lo, 1.1 * hi], color="0.85", label="+-10 %")
     ax.set_xlabel("measured latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
     ax.set_title(title, fontsize=9)
@@ -395,17 +481,19 @@ def measure_and_validate(timer: Any, space: SearchSpace, table: dict, *, fit_sub
     fit = spread_subnets(space, fit_subnets, seed=seed + 1)
     val = spread_subnets(space, validate_subnets, seed=seed + 2)
     t0 = time.perf_counter()
-    fit_meas = [timer.subnet_ms(s) for s in fit]
+    measured = timer.subnets_ms(fit + val)  # all compiled first, then timed in interleaved rounds
+    fit_meas, val_meas = measured[:len(fit)], measured[len(fit):]
     raw = dict(table, scale=1.0, overhead_ms=0.0)
     table = fit_predictor(table, [predict_ms(raw, s, space) for s in fit], fit_meas)
     flops_line = np.polyfit([count_flops(s, space) for s in fit], fit_meas, 1) if len(fit) >= 2 else (0.0, 0.0)
-    log(f"latency: fitted {table['fit']['model']} on {len(fit)} subnets ({time.perf_counter() - t0:.0f} s): "
+    log(f"latency: {len(fit) + len(val)} subnets measured end to end ({time.perf_counter() - t0:.0f} s); "
+        f"fitted {table['fit']['model']} on {len(fit)} of them: "
         f"scale {table['scale']:.3f}, overhead {table['overhead_ms']:.3f} ms")
     rows = []
-    for s in val:
+    for s, ms in zip(val, val_meas):
         mf = count_flops(s, space)
         rows.append({"subnet": s.to_dict(), "mflops": mf, "predicted_ms": predict_ms(table, s, space),
-                     "measured_ms": timer.subnet_ms(s), "mflops_predicted_ms": float(np.polyval(flops_line, mf))})
+                     "measured_ms": ms, "mflops_predicted_ms": float(np.polyval(flops_line, mf))})
     report = validation_report(rows)
     return table, rows, report
 

@@ -114,24 +114,12 @@ def subnet_to_onnx(variables: dict, subnet: SubnetConfig, space: SearchSpace | N
     v = export_lib.slice_variables(variables, subnet, space)
     P, S = v["params"], v["batch_stats"]
     g = _Graph(onnx, bn_eps)
-    x = g.conv(INPUT_NAME, _hwio_to_oihw(P["stem"]["kernel"]), "stem", space.stem_stride,
-               bn=(P["stem_bn"], S["stem_bn"]))
-    x = g.act(x, space.act, "stem.act")
+    x = _stem(g, INPUT_NAME, P, S, space)
     width = export_lib.conv_out_size(rs.resolution, space.stem_kernel, space.stem_stride)
     for j, b in enumerate(rs.blocks):
         x = _block(g, x, width, b, P[f"blocks{j}"], S[f"blocks{j}"], f"blocks{j}")
         width = export_lib.conv_out_size(width, b.kernel, b.stride)
-    H, HS = P["head"], S["head"]
-    x = g.conv(x, _pw(H["expand"]["kernel"]), "head.expand", bn=(H["expand_bn"], HS["expand_bn"]))
-    x = g.act(x, space.act, "head.expand.act")
-    x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "head.pool")], "head.flatten", axis=1)
-    if space.head_kind == "v3":
-        x = g.op("MatMul", [x, g.const("head.feature_mix.weight", np.asarray(H["feature_mix"]["kernel"]))],
-                 "head.feature_mix")
-        x = g.act(x, space.act, "head.feature_mix.act")
-    C = P["classifier"]
-    g.op("Gemm", [x, g.const("classifier.weight", np.asarray(C["kernel"])),
-                  g.const("classifier.bias", np.asarray(C["bias"]))], OUTPUT_NAME)
+    _head(g, x, P, S, space, OUTPUT_NAME)
     r = rs.resolution
     inp = onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, ["batch", space.in_channels, r, r])
     out = onnx.helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT, ["batch", space.num_classes])
@@ -143,6 +131,47 @@ def subnet_to_onnx(variables: dict, subnet: SubnetConfig, space: SearchSpace | N
                                    producer_name="alphanet-jax", doc_string=layout)
     onnx.checker.check_model(model)
     return model
+
+
+def _stem(g: _Graph, x: str, P: dict, S: dict, space: SearchSpace) -> str:
+    x = g.conv(x, _hwio_to_oihw(P["stem"]["kernel"]), "stem", space.stem_stride, bn=(P["stem_bn"], S["stem_bn"]))
+    return g.act(x, space.act, "stem.act")
+
+
+def _head(g: _Graph, x: str, P: dict, S: dict, space: SearchSpace, out: str) -> str:
+    """Head (1x1 conv, BN, activation, pool, v3: feature mix) and classifier, as export.StaticSubnet."""
+    H, HS = P["head"], S["head"]
+    x = g.conv(x, _pw(H["expand"]["kernel"]), "head.expand", bn=(H["expand_bn"], HS["expand_bn"]))
+    x = g.act(x, space.act, "head.expand.act")
+    x = g.op("Flatten", [g.op("GlobalAveragePool", [x], "head.pool")], "head.flatten", axis=1)
+    if space.head_kind == "v3":
+        x = g.op("MatMul", [x, g.const("head.feature_mix.weight", np.asarray(H["feature_mix"]["kernel"]))],
+                 "head.feature_mix")
+        x = g.act(x, space.act, "head.feature_mix.act")
+    C = P["classifier"]
+    return g.op("Gemm", [x, g.const("classifier.weight", np.asarray(C["kernel"])),
+                         g.const("classifier.bias", np.asarray(C["bias"]))], out)
+
+
+def part_to_onnx(kind: str, variables: dict, space: SearchSpace, width: int, channels: int, block: Any = None,
+                 bn_eps: float = 1e-5) -> Any:
+    """One part of a subnet (kind stem, block or head; variables in `export.StaticSubnet`'s layout: the
+    stem's or head's entries, or one block's) as a model with input `x` [batch, channels, width, width]
+    and output `y`: what `latency_measure` times in onnxruntime."""
+    onnx = _onnx()
+    g = _Graph(onnx, bn_eps)
+    P, S = variables["params"], variables["batch_stats"]
+    if kind == "stem":
+        g.op("Identity", [_stem(g, "x", P, S, space)], "y")
+    elif kind == "block":
+        g.op("Identity", [_block(g, "x", width, block, P, S, "block")], "y")
+    else:
+        _head(g, "x", P, S, space, "y")
+    inp = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", channels, width, width])
+    out = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph(g.nodes, f"{space.name}_{kind}", [inp], [out], g.inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)],
+                                  producer_name="alphanet-jax")
 
 
 def _block(g: _Graph, x: str, width: int, b: Any, q: dict, t: dict, name: str) -> str:

@@ -157,6 +157,15 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Evolutionary search over the trained supernet; results in workdir/search."""
     space = get_space(config.space)
     s = config.search
+    cfg = {k: v for k, v in s.to_dict().items() if k != "calib_batches"}
+    latency_fn = None
+    if s.get("objective", "flops") == "latency":  # the table and the budget are checked before any evaluation
+        table, table_path = load_latency_table(config, workdir)
+        latency_fn = latency_measure.make_predictor(table, space)
+        search_lib.check_latency_budget(space, search_lib.SearchConfig.from_any(cfg), latency_fn)
+        _log(f"search objective: latency predicted by {table_path} ({table['device_kind']}, {table['runtime']}, "
+             f"batch {table['batch_size']}), buckets of {s.latency_step} ms"
+             + (f", budget {s.max_latency_ms} ms" if s.max_latency_ms else ""))
     # Each host evaluates its own candidates on its local devices over the whole val split.
     mesh = eval_lib.local_mesh()
     _check_eval_batches(config, mesh)
@@ -168,15 +177,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     calib, evals = _factories(config, s.calib_batches, local=True)
     evaluate_fn = eval_lib.make_evaluate_fn(model, variables, calib, evals, mesh=mesh,
                                             num_calib_batches=s.calib_batches)
-    cfg = {k: v for k, v in s.to_dict().items() if k != "calib_batches"}
-    latency_fn = None
-    if s.get("objective", "flops") == "latency":  # the table and the budget are checked before any evaluation
-        table, table_path = load_latency_table(config, workdir)
-        latency_fn = latency_measure.make_predictor(table, space)
-        search_lib.check_latency_budget(space, search_lib.SearchConfig.from_any(cfg), latency_fn)
-        _log(f"search objective: latency predicted by {table_path} ({table['device_kind']}, {table['runtime']}, "
-             f"batch {table['batch_size']}), buckets of {s.latency_step} ms"
-             + (f", budget {s.max_latency_ms} ms" if s.max_latency_ms else ""))
     presets = {}
     if space.name == "alphanet":
         presets = search_lib.evaluate_presets(evaluate_fn, space)
@@ -213,11 +213,11 @@ def remeasure_front(config: ml_collections.ConfigDict, front: list[dict], direct
     L = config.latency
     timer = latency_measure.make_timer(L.runtime, space, int(L.batch_size), warmup=int(L.warmup),
                                        repeats=int(L.repeats), bn_eps=float(config.model.bn_eps),
-                                       statistic=L.get("statistic", "median"))
+                                       statistic=L.get("statistic", "median"), rounds=int(L.get("rounds", 2)))
     t = time.perf_counter()
-    for r in front:
-        r["measured_ms"] = timer.subnet_ms(SubnetConfig.from_dict(r["subnet"], space))
-        r["measured_on"] = timer.describe()["device_kind"]
+    measured = timer.subnets_ms([SubnetConfig.from_dict(r["subnet"], space) for r in front])
+    for r, ms in zip(front, measured):
+        r["measured_ms"], r["measured_on"] = ms, timer.describe()["device_kind"]
     if jax.process_index() == 0:
         search_lib.write_outputs(directory, front, None, None, plot=False, context=context)
     _log(f"front re-measured on this device ({time.perf_counter() - t:.0f} s): "
@@ -236,7 +236,7 @@ def run_latency(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     timer = latency_measure.make_timer(L.runtime, space, int(L.batch_size), warmup=int(L.warmup),
                                        repeats=int(L.repeats), bn_eps=float(config.model.bn_eps),
-                                       statistic=L.get("statistic", "median"))
+                                       statistic=L.get("statistic", "median"), rounds=int(L.get("rounds", 2)))
     old = None
     if os.path.exists(path):
         old = latency_lib.load_table(path, space_id=latency_measure.space_id(space), batch_size=int(L.batch_size),

@@ -77,9 +77,11 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # --mode=latency: time the space's parts on this device (runtime xla: jit on the default backend),
     # fit on `fit_subnets` whole subnets, validate on `validate_subnets` others. `table`: a table to search
     # with (e.g. built on the target device); default DIR/latency/table.json. statistic: "median" of the
-    # repeats, or "min" (steadier on a machine shared with other work, which only adds time).
-    c.latency = ml_collections.ConfigDict(dict(runtime="xla", batch_size=1, warmup=3, repeats=20, fit_subnets=10,
-                                               validate_subnets=30, seed=0, table="", statistic="median"))
+    # samples (`rounds` rounds of `repeats` runs over all parts or subnets in turn), or "min" (steadier on a
+    # machine shared with other work, which only adds time).
+    c.latency = ml_collections.ConfigDict(dict(runtime="xla", batch_size=1, warmup=3, repeats=20, rounds=2,
+                                               fit_subnets=10, validate_subnets=30, seed=0, table="",
+                                               statistic="median"))
     return c
 
 

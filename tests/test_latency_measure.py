@@ -32,12 +32,15 @@ class FakeTimer:
     def __init__(self, space=TINY):
         self.space, self.parts_timed = space, []
 
-    def part_ms(self, part):
-        self.parts_timed.append(part.key)
-        return _part_ms(part.key)
+    def parts_ms(self, parts, log=None):
+        self.parts_timed += [p.key for p in parts]
+        return [_part_ms(p.key) for p in parts]
+
+    def subnets_ms(self, subnets):
+        return [1.5 * sum(_part_ms(p.key) for p in lm.subnet_parts(s, self.space)) + 0.2 for s in subnets]
 
     def subnet_ms(self, subnet):
-        return 1.5 * sum(_part_ms(p.key) for p in lm.subnet_parts(subnet, self.space)) + 0.2
+        return self.subnets_ms([subnet])[0]
 
     def describe(self):
         return {"backend": "cpu", "device_kind": "fake", "runtime": "xla"}
@@ -102,10 +105,9 @@ def test_spearman_and_report():
 
 @pytest.mark.slow
 def test_xla_timer_gives_finite_times():
-    timer = lm.make_timer("xla", TINY, 2, warmup=1, repeats=2)
+    timer = lm.make_timer("xla", TINY, 2, warmup=1, repeats=2, rounds=2)
     parts = lm.subnet_parts(TINY.min_subnet(), TINY)
-    for p in (parts[0], parts[1], parts[-1]):
-        assert math.isfinite(timer.part_ms(p)) and timer.part_ms(p) >= 0
+    assert all(math.isfinite(ms) and ms >= 0 for ms in timer.parts_ms([parts[0], parts[1], parts[-1]]))
     assert 0 < timer.subnet_ms(TINY.min_subnet()) < 10_000
     with pytest.raises(errors.UserError, match="latency.runtime = 'tflite'"):
         lm.make_timer("tflite", TINY, 2)
@@ -207,6 +209,7 @@ def test_export_picks_by_predicted_latency(quick):
 
 BAD_LATENCY_CONFIGS = [
     ({"latency.repeats": 0}, r"latency.repeats = 0 is not allowed: it must be an integer >= 1"),
+    ({"latency.rounds": 0}, r"latency.rounds = 0 is not allowed"),
     ({"latency.statistic": "mean"}, r"latency.statistic = 'mean' is not allowed"),
     ({"latency.runtime": "tflite"}, r"latency.runtime = 'tflite' is not allowed"),
     ({"latency.validate_subnets": 1}, r"latency.validate_subnets = 1"),
@@ -231,3 +234,42 @@ def test_bad_latency_config_refused_before_any_task(tmp_path, monkeypatch, overr
     config.update_from_flattened_dict(overrides)
     with pytest.raises(errors.ConfigError, match=pattern):
         tasks.run(config, str(tmp_path / "w"), mode="latency,search,export")
+
+
+def test_onnxruntime_parts_compute_the_xla_parts_and_time_finite():
+    """The part graphs timed in onnxruntime compute what the XLA part functions compute."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from alphanet_jax import onnx_export
+
+    parts = lm.subnet_parts(TINY.min_subnet(), TINY)  # identity and pool_conv shortcuts, SE
+    assert {"identity", "pool_conv"} <= {p.block.shortcut for p in parts if p.block}
+    for p in parts:
+        v, c = lm.part_variables(p, TINY), lm._in_channels(p)
+        x = np.random.default_rng(0).standard_normal((2, p.width, p.width, c)).astype(np.float32)
+        ref = np.asarray(lm._part_apply(p, TINY, 1e-5)(v, x))
+        model = onnx_export.part_to_onnx(p.kind, v, TINY, p.width, c, p.block)
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x.transpose(0, 3, 1, 2)})[0]
+        got = got.transpose(0, 2, 3, 1) if got.ndim == 4 else got
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(ref))), err_msg=p.key)
+    timer = lm.make_timer("onnxruntime", TINY, 2, warmup=1, repeats=2)
+    assert timer.describe()["runtime"] == "onnxruntime" and math.isfinite(timer.part_ms(parts[1]))
+    assert 0 < timer.subnet_ms(TINY.min_subnet()) < 10_000
+
+
+def test_latency_search_refuses_a_missing_table_or_an_unmeetable_budget_before_loading(quick, monkeypatch):
+    tasks, config, wd = quick
+
+    def never(*a, **k):
+        raise AssertionError("weights loaded before the latency table and budget were checked")
+
+    monkeypatch.setattr(tasks, "load_weights", never)
+    config.search.objective = "latency"
+    with pytest.raises(errors.PathNotFoundError, match="latency table .* is missing.*--mode=latency"):
+        tasks.run_search(config, wd)
+    tasks.run_latency(config, wd)
+    config.search.max_latency_ms = 1e-6
+    with pytest.raises(errors.ConfigError, match="no subnet meets it"):
+        tasks.run_search(config, wd)
