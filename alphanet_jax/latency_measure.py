@@ -9,8 +9,10 @@ kernel and resolution choice, found by resolving subnets with `search_space.reso
 stage list), on the current JAX backend (jit, warm-up, median of repeats, `block_until_ready`),
 minus the measured cost of dispatching an empty program. `fit_predictor` then measures whole
 subnets end to end and fits how parts add up: an overhead (measured - sum of parts, median), or a
-scale and an overhead (least squares), whichever has the smaller mean relative error on those
-subnets. `predict_ms(table, subnet, space)` is sum(entries) * scale + overhead.
+scale and an overhead, or those and a per-part term (least squares; a whole subnet is one fused
+program, its parts' separate programs each pay their own launch and memory traffic), whichever
+predicts the fitting subnets best left-one-out. `predict_ms(table, subnet, space)` is
+sum(entries) * scale + parts * per_part_ms + overhead.
 
 `validate` measures other subnets (spread over the space's FLOPs range) end to end and reports
 the Spearman rank correlation and the share within +-10 % of the measured time, for the table's
@@ -403,21 +405,48 @@ def _rel_errors(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
     return np.abs(pred - meas) / meas
 
 
-def fit_predictor(table: dict, sums: Sequence[float], measured: Sequence[float]) -> dict:
-    """Fits overhead (and scale) of `table` from part sums and end-to-end times of the same subnets;
-    returns the table with `overhead_ms`, `scale` and `fit` set."""
-    s, m = np.asarray(sums, float), np.asarray(measured, float)
-    offset = float(np.median(m - s))
-    models = {"sum + overhead": (1.0, offset)}
-    if len(s) >= 3 and np.ptp(s) > 0:
-        a, b = np.polyfit(s, m, 1)
-        if a > 0:
-            models["scale * sum + overhead"] = (float(a), float(b))
-    errs = {k: float(np.mean(_rel_errors(a * s + b, m))) for k, (a, b) in models.items()}
+def _fit_offset(s: np.ndarray, n: np.ndarray, m: np.ndarray) -> tuple[float, float, float]:
+    return 1.0, 0.0, float(np.median(m - s))
+
+
+def _fit_scale(s: np.ndarray, n: np.ndarray, m: np.ndarray) -> tuple[float, float, float]:
+    (a, b), *_ = np.linalg.lstsq(np.c_[s, np.ones_like(s)], m, rcond=None)
+    return float(a), 0.0, float(b)
+
+
+def _fit_per_part(s: np.ndarray, n: np.ndarray, m: np.ndarray) -> tuple[float, float, float]:
+    (a, c, b), *_ = np.linalg.lstsq(np.c_[s, n, np.ones_like(s)], m, rcond=None)
+    return float(a), float(c), float(b)
+
+
+# name -> (fit, the fewest subnets it needs); chosen by leave-one-out error on the fitting subnets
+FIT_MODELS = {"sum + overhead": (_fit_offset, 1), "scale * sum + overhead": (_fit_scale, 4),
+              "scale * sum + per-part + overhead": (_fit_per_part, 6)}
+
+
+def fit_predictor(table: dict, sums: Sequence[float], counts: Sequence[int], measured: Sequence[float]) -> dict:
+    """Fits how the parts add up, from the sums of their entries, the numbers of parts and the end-to-end
+    times of the same subnets: measured ~ scale * sum + per_part_ms * parts + overhead_ms, with scale 1 and
+    no per-part term, or scale, or both fitted; the model with the smallest leave-one-out mean relative
+    error is kept (a model with more terms only when it predicts subnets it was not fitted on better).
+    Returns the table with `scale`, `per_part_ms`, `overhead_ms` and `fit` set."""
+    s, n, m = (np.asarray(x, float) for x in (sums, counts, measured))
+    errs, params = {}, {}
+    for name, (fit, need) in FIT_MODELS.items():
+        if len(s) < need:
+            continue
+        loo = []
+        for i in range(len(s)):
+            keep = np.arange(len(s)) != i
+            a, c, b = fit(s[keep], n[keep], m[keep]) if len(s) > 1 else fit(s, n, m)
+            loo.append(abs(a * s[i] + c * n[i] + b - m[i]) / m[i])
+        a, c, b = fit(s, n, m)
+        if a > 0:  # a model in which more work takes less time is not kept
+            errs[name], params[name] = float(np.mean(loo)), (a, c, b)
     best = min(errs, key=errs.get)
-    scale, overhead = models[best]
-    return dict(table, scale=scale, overhead_ms=overhead,
-                fit={"model": best, "subnets": len(s), "mean_abs_rel_error": errs,
+    scale, per_part, overhead = params[best]
+    return dict(table, scale=scale, per_part_ms=per_part, overhead_ms=overhead,
+                fit={"model": best, "subnets": len(s), "leave_one_out_mean_abs_rel_error": errs,
                      "note": "fitted on subnets measured end to end, not the validation subnets"})
 
 
@@ -483,12 +512,13 @@ def measure_and_validate(timer: Any, space: SearchSpace, table: dict, *, fit_sub
     t0 = time.perf_counter()
     measured = timer.subnets_ms(fit + val)  # all compiled first, then timed in interleaved rounds
     fit_meas, val_meas = measured[:len(fit)], measured[len(fit):]
-    raw = dict(table, scale=1.0, overhead_ms=0.0)
-    table = fit_predictor(table, [predict_ms(raw, s, space) for s in fit], fit_meas)
+    raw = dict(table, scale=1.0, per_part_ms=0.0, overhead_ms=0.0)
+    table = fit_predictor(table, [predict_ms(raw, s, space) for s in fit],
+                          [len(subnet_parts(s, space)) for s in fit], fit_meas)
     flops_line = np.polyfit([count_flops(s, space) for s in fit], fit_meas, 1) if len(fit) >= 2 else (0.0, 0.0)
     log(f"latency: {len(fit) + len(val)} subnets measured end to end ({time.perf_counter() - t0:.0f} s); "
-        f"fitted {table['fit']['model']} on {len(fit)} of them: "
-        f"scale {table['scale']:.3f}, overhead {table['overhead_ms']:.3f} ms")
+        f"fitted {table['fit']['model']} on {len(fit)} of them: scale {table['scale']:.3f}, per part "
+        f"{table['per_part_ms']:.3f} ms, overhead {table['overhead_ms']:.3f} ms")
     rows = []
     for s, ms in zip(val, val_meas):
         mf = count_flops(s, space)

@@ -241,18 +241,20 @@ def run_latency(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if os.path.exists(path):
         old = latency_lib.load_table(path, space_id=latency_measure.space_id(space), batch_size=int(L.batch_size),
                                      dtype=latency_measure.DTYPE)
-        here = timer.describe()
-        if any(old.get(k) != v for k, v in here.items()) or old.get("host") != latency_measure.host():
+        here = dict(timer.describe(), host=latency_measure.host())
+        timing = {"warmup": timer.warmup, "repeats": timer.repeats, "rounds": timer.rounds,
+                  "statistic": timer.statistic}
+        if any(old.get(k) != v for k, v in here.items()) or old.get("timing") != timing:
             _log(f"latency: {path} was measured on {old.get('host')} ({old.get('device_kind')}, "
-                 f"{old.get('runtime')}): measuring every part again here")
+                 f"{old.get('runtime')}) with {old.get('timing')}: measuring every part again here with {timing}")
             old = None
     table = latency_measure.build_table(timer, space, latency_measure.DTYPE, old, log=_log)
-    latency_lib.save_table(path, table)  # the parts are kept if the validation is interrupted
+    if jax.process_index() == 0:
+        latency_lib.save_table(path, table)  # the parts are kept if the validation is interrupted
     t_parts = time.perf_counter() - t0
     table, rows, report = latency_measure.measure_and_validate(
         timer, space, table, fit_subnets=int(L.fit_subnets), validate_subnets=int(L.validate_subnets),
         seed=int(L.seed), log=_log)
-    latency_lib.save_table(path, table)
     report["seconds"] = {"parts": t_parts, "total": time.perf_counter() - t0}
     report["targets"] = dict(latency_measure.TARGETS)
     report["note"] = ("wall-clock medians on this machine while it ran whatever else it runs: "
@@ -260,6 +262,7 @@ def run_latency(config: ml_collections.ConfigDict, workdir: str) -> dict:
     doc = {"report": report, "table": path, "device": timer.describe(), "batch_size": int(L.batch_size),
            "rows": rows}
     if jax.process_index() == 0:
+        latency_lib.save_table(path, table)
         atomic_write(os.path.join(directory, "validation.json"), json.dumps(doc, indent=1))
         latency_measure.plot_validation(os.path.join(directory, "validation.png"), rows, report,
                                         f"{space.name}, batch {L.batch_size}, {timer.describe()['device_kind']}")

@@ -27,7 +27,7 @@ def _part_ms(key: str) -> float:
 class FakeTimer:
     """Parts take `_part_ms`; a whole subnet takes 1.5 x their sum + 0.2 ms (a dispatch-like overhead)."""
 
-    runtime, batch, warmup, repeats, dispatch_ms = "xla", 4, 0, 1, 0.01
+    runtime, batch, warmup, repeats, rounds, statistic, dispatch_ms = "xla", 4, 0, 1, 1, "median", 0.01
 
     def __init__(self, space=TINY):
         self.space, self.parts_timed = space, []
@@ -73,17 +73,25 @@ def test_predictor_fit_and_validation_with_a_fake_timer():
     assert set(table["entries"]) == set(lm.space_parts(TINY)) and table["space_id"] == lm.space_id(TINY)
     fitted, rows, report = lm.measure_and_validate(timer, TINY, table, fit_subnets=6, validate_subnets=8, seed=0,
                                                    log=lambda m: None)
-    assert fitted["fit"]["model"] == "scale * sum + overhead"
+    assert fitted["fit"]["model"] in ("scale * sum + overhead", "scale * sum + per-part + overhead")
     assert fitted["scale"] == pytest.approx(1.5) and fitted["overhead_ms"] == pytest.approx(0.2, abs=1e-6)
+    assert fitted["per_part_ms"] == pytest.approx(0.0, abs=1e-6)
     s = TINY.max_subnet()
     assert lm.make_predictor(fitted, TINY)(s) == pytest.approx(timer.subnet_ms(s), rel=1e-6)
     assert len(rows) == 8 and report["latency_table"]["spearman"] == pytest.approx(1.0)
     assert report["latency_table"]["within_10pct"] == 1.0 and not lm.shortfall(report)
     flops = sorted(count_flops(ss.SubnetConfig.from_dict(r["subnet"], TINY), TINY) for r in rows)
     assert flops[0] < flops[-1]  # spread over the FLOPs range
-    # a plain offset model wins when the parts add up exactly
-    sums = [1.0, 2.0, 4.0]
-    assert lm.fit_predictor(table, sums, [x + 0.3 for x in sums])["overhead_ms"] == pytest.approx(0.3)
+    # a plain offset model wins when the parts add up exactly; a per-part term when there is one
+    sums, counts = [1.0, 2.0, 4.0, 3.0, 5.0, 2.5, 6.0], [3, 5, 4, 6, 5, 3, 7]
+    fit = lm.fit_predictor(table, sums, counts, [x + 0.3 for x in sums])
+    assert fit["fit"]["model"] == "sum + overhead" and fit["overhead_ms"] == pytest.approx(0.3)
+    fit = lm.fit_predictor(table, sums, counts, [0.9 * x - 0.05 * n + 0.5 for x, n in zip(sums, counts)])
+    assert fit["fit"]["model"] == "scale * sum + per-part + overhead"
+    assert (fit["scale"], fit["per_part_ms"], fit["overhead_ms"]) == pytest.approx((0.9, -0.05, 0.5))
+    keys = list(table["entries"])[:2]
+    assert latency.predict_from_keys(fit, keys) == pytest.approx(
+        0.9 * sum(table["entries"][k] for k in keys) - 0.05 * 2 + 0.5)
     # an existing table's entries are kept, only missing parts are timed
     timer2 = FakeTimer()
     old = dict(table, entries={k: v for i, (k, v) in enumerate(table["entries"].items()) if i % 2})
@@ -131,7 +139,7 @@ def quick(tmp_path, monkeypatch):
     return tasks, config, str(tmp_path)
 
 
-def test_latency_task_writes_table_and_validation(quick):
+def test_latency_task_writes_table_and_validation(quick, monkeypatch):
     tasks, config, wd = quick
     report = tasks.run_latency(config, wd)
     d = os.path.join(wd, "latency")
@@ -141,6 +149,19 @@ def test_latency_task_writes_table_and_validation(quick):
     assert len(doc["rows"]) == 5 and {"predicted_ms", "measured_ms", "mflops_predicted_ms"} <= set(doc["rows"][0])
     table, path = tasks.load_latency_table(config, wd)
     assert table["batch_size"] == 4 and table["fit"]["subnets"] == 4
+    timed = []
+    monkeypatch.setattr(lm, "make_timer", lambda runtime, space, batch, **kw: _Recording(space, timed))
+    tasks.run_latency(config, wd)  # the same device and settings: the table's parts are reused
+    assert timed == []
+    monkeypatch.setattr(FakeTimer, "repeats", 3)  # other timing settings: every part is timed again
+    tasks.run_latency(config, wd)
+    assert len(timed) == len(table["entries"])
+
+
+class _Recording(FakeTimer):
+    def __init__(self, space, timed):
+        super().__init__(space)
+        self.parts_timed = timed
 
 
 def test_latency_table_bad_inputs_name_the_problem(quick, tmp_path):
