@@ -298,13 +298,20 @@ class OrtTimer(XlaTimer):
 
     runtime = "onnxruntime"
 
+    def __init__(self, *args: Any, threads: int = 0, **kw: Any):
+        self.threads = threads  # onnxruntime's intra-op threads (0: its default, one per core)
+        super().__init__(*args, **kw)
+
     def _session(self, model: Any):
         try:
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("latency.runtime=onnxruntime needs onnxruntime, an optional dependency: "
                                          "pip install -e .[deploy]") from None
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def _call(self, model: Any, width: int, channels: int) -> Callable[[], Any]:
         sess = self._session(model)
