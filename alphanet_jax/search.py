@@ -247,8 +247,9 @@ def initial_population(space: SearchSpace, cfg: SearchConfig,
             if _in_budget(s, cfg, latency_fn):
                 break
         else:
-            raise RuntimeError(f"no subnet within max_latency_ms {cfg.max_latency_ms} after {cfg.max_resample} "
-                               f"draws in the FLOPs window")
+            raise errors.ConfigError(f"search.max_latency_ms = {cfg.max_latency_ms} ms: no subnet drawn in the "
+                                     f"FLOPs window [{cfg.flops_min}, {cfg.flops_max}] met it after "
+                                     f"{cfg.max_resample} draws; raise the budget or change the window")
         pop.append(s)
     return pop
 

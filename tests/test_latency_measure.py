@@ -295,3 +295,11 @@ def test_latency_search_refuses_a_missing_table_or_an_unmeetable_budget_before_l
     config.search.max_latency_ms = 1e-6
     with pytest.raises(errors.ConfigError, match="no subnet meets it"):
         tasks.run_search(config, wd)
+
+
+def test_a_budget_only_the_min_subnet_meets_is_a_config_error():
+    predict = lambda s: 1.0 if s == TINY.min_subnet() else 2.0  # noqa: E731
+    cfg = S.SearchConfig.from_any(dict(parent_popu_size=3, flops_min=0.0, flops_max=100.0, objective="latency",
+                                       max_latency_ms=1.5, max_resample=20))
+    with pytest.raises(errors.ConfigError, match=r"search.max_latency_ms = 1.5 ms: no subnet drawn"):
+        S.initial_population(TINY, cfg, predict)
