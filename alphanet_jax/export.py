@@ -146,6 +146,11 @@ class _StaticBlock(nn.Module):
         return h + sc
 
 
+def conv_out_size(width: int, kernel: int, stride: int) -> int:
+    """A conv's output width with the reference's symmetric k//2 padding (`layers.conv2d`)."""
+    return (width + 2 * (kernel // 2) - kernel) // stride + 1
+
+
 def _slice_bn(p: dict, c: int) -> dict:
     return {k: v[:c] for k, v in p.items()}
 
