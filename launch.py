@@ -26,7 +26,7 @@ sys.path.insert(0, HERE)  # `configs` imports from any cwd
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_string("mode", "", "Comma-separated tasks (train, evaluate, search, export); default: config.run.")
+flags.DEFINE_string("mode", "", "Comma-separated tasks (train, evaluate, search, export, latency); default: config.run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -13,6 +13,7 @@ import tempfile
 from typing import Any, Callable, Iterable
 
 from alphanet_jax import data as data_lib
+from alphanet_jax import latency_measure
 from alphanet_jax import layers
 from alphanet_jax import search as search_lib
 from alphanet_jax import supernet
@@ -47,6 +48,14 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.skip_inactive_blocks",
      lambda v: isinstance(v, bool) or str(v).lower() in supernet.SKIP_INACTIVE_VALUES, "True, False or 'auto'"),
     ("mesh.data", lambda v: _is_int(v) and (v >= 1 or v in (-1, 0)), "-1 (all devices) or a device count >= 1"),
+    *((k, lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in ("latency.batch_size", "latency.repeats",
+                                                                         "latency.rounds")),
+    ("latency.warmup", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    *((k, lambda v: _is_int(v) and v >= 2, "an integer >= 2") for k in ("latency.fit_subnets",
+                                                                          "latency.validate_subnets")),
+    ("latency.runtime", lambda v: v in latency_measure.RUNTIMES, f"one of {latency_measure.RUNTIMES}"),
+    ("latency.statistic", lambda v: v in latency_measure.STATISTICS, f"one of {tuple(latency_measure.STATISTICS)}"),
+    ("export.max_latency_ms", lambda v: _is_num(v) and v >= 0, "a number >= 0 (0: off)"),
 )
 
 

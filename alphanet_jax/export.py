@@ -53,8 +53,8 @@ class StaticSubnet(nn.Module):
     """One subnet with static shapes: resize, stem, active blocks, head, classifier.
 
     `bn_axis_name` pmean's train-mode BN statistics over a shard_map axis, as `Supernet`'s
-    (training runs the min subnet as a static subnet, train.SandwichStep); `bn_group_size` g > 0:
-    ghost BN in train mode, as `Supernet`'s.
+    (training runs the min subnet as a static subnet, train.SandwichStep).
+    `bn_group_size` g > 0: ghost BN in train mode, as `supernet.Supernet`'s.
     """
 
     space: SearchSpace
@@ -144,6 +144,11 @@ class _StaticBlock(nn.Module):
         if b.shortcut in ("conv", "pool_conv"):
             sc = layers.pointwise(sc, kernel("shortcut", (b.in_ch, b.out_ch)))
         return h + sc
+
+
+def conv_out_size(width: int, kernel: int, stride: int) -> int:
+    """A conv's output width with the reference's symmetric k//2 padding (`layers.conv2d`)."""
+    return (width + 2 * (kernel // 2) - kernel) // stride + 1
 
 
 def _slice_bn(p: dict, c: int) -> dict:

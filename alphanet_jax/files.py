@@ -14,3 +14,13 @@ def atomic_write(path: str, data: str | bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lays out a matplotlib Figure and saves it as PNG to `path` (`atomic_write`)."""
+    import io
+
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write(path, png.getvalue())

@@ -40,12 +40,14 @@ def load_table(path: str, *, space_id: str, batch_size: int, dtype: str) -> dict
 
 
 def predict_from_keys(table: dict[str, Any], keys: list[str]) -> float:
-    """Predicted ms: the sum of the table's entries for `keys` plus the fitted overhead."""
+    """Predicted ms: the sum of the table's entries for `keys` (times the fitted `scale`, 1 when absent),
+    plus `per_part_ms` (0 when absent) per key, plus the fitted overhead."""
     missing = [k for k in keys if k not in table["entries"]]
     if missing:
         raise UserError(f"latency table has no entry for block shape(s) {missing[:3]}"
                         f"{' ...' if len(missing) > 3 else ''}: rebuild it (--mode=latency)")
-    return float(sum(table["entries"][k] for k in keys) + table["overhead_ms"])
+    return float(sum(table["entries"][k] for k in keys) * table.get("scale", 1.0)
+                 + len(keys) * table.get("per_part_ms", 0.0) + table["overhead_ms"])
 
 
 def _check_format(table: Any, path: str) -> None:
@@ -60,5 +62,10 @@ def _check_format(table: Any, path: str) -> None:
     if not isinstance(entries, dict) or not all(
             isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in entries.values()):
         raise UserError(f"latency table {path}: entries must map block keys to finite non-negative ms")
-    if not isinstance(table["overhead_ms"], (int, float)) or not math.isfinite(table["overhead_ms"]):
-        raise UserError(f"latency table {path}: overhead_ms must be a finite number")
+    for key in ("overhead_ms", "per_part_ms"):
+        v = table.get(key, 0.0)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"latency table {path}: {key} must be a finite number")
+    scale = table.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise UserError(f"latency table {path}: scale must be a finite number > 0, got {scale!r}")

@@ -72,7 +72,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from alphanet_jax import console, errors
-from alphanet_jax.files import atomic_write
+from alphanet_jax.files import atomic_write, save_figure
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.evolution import crossover, mutate, sample_subnet_in_range
 from alphanet_jax.presets import PRESET_TITLES, PRESETS
@@ -88,6 +88,7 @@ RESULTS_FILE = "evaluated.jsonl"
 NUMERIC_FIELDS = ("top1", "top5", "loss", "count", "seconds")
 _CONFIG_KEYS = ("parent_popu_size", "mutate_size", "crossover_size", "mutate_prob", "evo_iter", "flops_min",
                 "flops_max", "flops_step", "seed")
+OBJECTIVES = {"flops": "mflops", "latency": "latency_ms"}  # objective -> the row field it buckets
 FRONT_KEYS = ("subnet", "mflops", "top1")  # what a pareto.json row needs (for the export's pick)
 _CONTEXT_INFO_KEYS = ("weights.source", "weights.step")  # recorded, not part of the identity (the fingerprint is)
 
@@ -117,6 +118,11 @@ class SearchConfig:
     flops_step: float = 10.0
     seed: int = 0
     max_resample: int = 100_000  # tries per child before giving up (the reference loops forever)
+    # objective "latency": buckets of `latency_step` ms of predicted latency (a latency table, see
+    # `latency_measure`) instead of MFLOPs, and candidates over `max_latency_ms` (0: no budget) rejected.
+    objective: str = "flops"
+    max_latency_ms: float = 0.0
+    latency_step: float = 1.0
 
     @classmethod
     def from_any(cls, cfg: Any) -> "SearchConfig":
@@ -148,6 +154,21 @@ class SearchConfig:
             raise ValueError(f"empty FLOPs window: flops_min {self.flops_min} > flops_max {self.flops_max}")
         if not self.flops_step > 0:
             raise ValueError(f"flops_step must be > 0, got {self.flops_step}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+        if not (isinstance(self.max_latency_ms, (int, float)) and self.max_latency_ms >= 0):
+            raise ValueError(f"max_latency_ms must be a number >= 0 (0: no budget), got {self.max_latency_ms!r}")
+        if not (isinstance(self.latency_step, (int, float)) and self.latency_step > 0):
+            raise ValueError(f"latency_step must be > 0, got {self.latency_step!r}")
+
+    @property
+    def cost_key(self) -> str:
+        """The row field that the buckets, the front and the plot use: mflops or latency_ms."""
+        return OBJECTIVES[self.objective]
+
+    @property
+    def bucket_step(self) -> float:
+        return self.latency_step if self.objective == "latency" else self.flops_step
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,7 +197,7 @@ def bucket_of(mflops: float, step: float) -> float:
 
 
 def pareto_buckets(rows: Iterable[Mapping[str, Any]], step: float,
-                   buckets: dict[float, dict] | None = None) -> dict[float, dict]:
+                   buckets: dict[float, dict] | None = None, key: str = "mflops") -> dict[float, dict]:
     """Updates {bucket: row} with `rows` in order: a row replaces its bucket's winner only if its
     top-1 is strictly higher (rows with NaN top-1 never win)."""
     buckets = {} if buckets is None else buckets
@@ -184,37 +205,59 @@ def pareto_buckets(rows: Iterable[Mapping[str, Any]], step: float,
         top1 = row["top1"]
         if top1 is None or (isinstance(top1, float) and math.isnan(top1)):
             continue
-        b = bucket_of(row["mflops"], step)
+        b = bucket_of(row[key], step)
         if b not in buckets or top1 > buckets[b]["top1"]:
             buckets[b] = dict(row)
     return buckets
 
 
-def non_dominated(rows: Sequence[Mapping[str, Any]]) -> list[bool]:
-    """For each row: no other row has <= MFLOPs and > top-1, or < MFLOPs and >= top-1."""
+def non_dominated(rows: Sequence[Mapping[str, Any]], key: str = "mflops") -> list[bool]:
+    """For each row: no other row has <= cost (MFLOPs) and > top-1, or < cost and >= top-1."""
     out = []
     for r in rows:
-        dom = any((o["mflops"] <= r["mflops"] and o["top1"] > r["top1"])
-                  or (o["mflops"] < r["mflops"] and o["top1"] >= r["top1"]) for o in rows)
+        dom = any((o[key] <= r[key] and o["top1"] > r["top1"])
+                  or (o[key] < r[key] and o["top1"] >= r["top1"]) for o in rows)
         out.append(not dom)
     return out
 
 
-def _in_window(subnet: SubnetConfig, space: SearchSpace, cfg: SearchConfig) -> bool:
-    return cfg.flops_min <= count_flops(subnet, space) <= cfg.flops_max
+def _in_window(subnet: SubnetConfig, space: SearchSpace, cfg: SearchConfig,
+               latency_fn: Callable[[SubnetConfig], float] | None = None) -> bool:
+    return cfg.flops_min <= count_flops(subnet, space) <= cfg.flops_max and _in_budget(subnet, cfg, latency_fn)
 
 
-def initial_population(space: SearchSpace, cfg: SearchConfig) -> list[SubnetConfig]:
-    """The min subnet, then parent_popu_size - 1 uniform subnets in the FLOPs window."""
+def _in_budget(subnet: SubnetConfig, cfg: SearchConfig, latency_fn: Callable[[SubnetConfig], float] | None) -> bool:
+    return latency_fn is None or not cfg.max_latency_ms or latency_fn(subnet) <= cfg.max_latency_ms
+
+
+def check_latency_budget(space: SearchSpace, cfg: SearchConfig, latency_fn: Callable[[SubnetConfig], float]) -> None:
+    """A ConfigError when even the min subnet is predicted over `max_latency_ms` (no subnet meets it)."""
+    if cfg.max_latency_ms and latency_fn(space.min_subnet()) > cfg.max_latency_ms:
+        raise errors.ConfigError(f"search.max_latency_ms = {cfg.max_latency_ms} ms: no subnet meets it, the "
+                                 f"smallest (min) subnet is predicted at {latency_fn(space.min_subnet()):.3f} ms "
+                                 f"on this latency table; raise the budget")
+
+
+def initial_population(space: SearchSpace, cfg: SearchConfig,
+                       latency_fn: Callable[[SubnetConfig], float] | None = None) -> list[SubnetConfig]:
+    """The min subnet, then parent_popu_size - 1 uniform subnets in the FLOPs window (and latency budget)."""
     rng = step_rng(cfg.seed, 0, STREAM)
     pop = [space.min_subnet()]
     for _ in range(cfg.parent_popu_size - 1):
-        pop.append(sample_subnet_in_range(space, rng, cfg.flops_min, cfg.flops_max, max_tries=cfg.max_resample))
+        for _ in range(cfg.max_resample):
+            s = sample_subnet_in_range(space, rng, cfg.flops_min, cfg.flops_max, max_tries=cfg.max_resample)
+            if _in_budget(s, cfg, latency_fn):
+                break
+        else:
+            raise errors.ConfigError(f"search.max_latency_ms = {cfg.max_latency_ms} ms: no subnet drawn in the "
+                                     f"FLOPs window [{cfg.flops_min}, {cfg.flops_max}] met it after "
+                                     f"{cfg.max_resample} draws; raise the budget or change the window")
+        pop.append(s)
     return pop
 
 
 def next_population(parents: Sequence[SubnetConfig], space: SearchSpace, cfg: SearchConfig,
-                    generation: int) -> list[SubnetConfig]:
+                    generation: int, latency_fn: Callable[[SubnetConfig], float] | None = None) -> list[SubnetConfig]:
     """mutate_size mutants then crossover_size children of `parents` (the sorted bucket winners),
     each redrawn (parents included) until its MFLOPs are in the window."""
     if not parents:
@@ -225,7 +268,7 @@ def next_population(parents: Sequence[SubnetConfig], space: SearchSpace, cfg: Se
     def draw(make: Callable[[], SubnetConfig], what: str) -> SubnetConfig:
         for _ in range(cfg.max_resample):
             child = make()
-            if _in_window(child, space, cfg):
+            if _in_window(child, space, cfg, latency_fn):
                 return child
         raise RuntimeError(f"no {what} with MFLOPs in [{cfg.flops_min}, {cfg.flops_max}] after "
                            f"{cfg.max_resample} draws (generation {generation})")
@@ -487,11 +530,14 @@ def _num(x: Any) -> float:
         return math.nan
 
 
-def _row(subnet: SubnetConfig, space: SearchSpace, values: Sequence[float], generation: int) -> dict:
+def _row(subnet: SubnetConfig, space: SearchSpace, values: Sequence[float], generation: int,
+         latency_fn: Callable[[SubnetConfig], float] | None = None) -> dict:
     # Missing numbers become null (strict JSON); top1 is always finite.
     vals = {f: (None if math.isnan(float(v)) else float(v)) for f, v in zip(NUMERIC_FIELDS, values)}
     if vals["count"] is not None:
         vals["count"] = int(vals["count"])
+    if latency_fn is not None:  # the predicted latency (ms) from the search's latency table
+        vals["latency_ms"] = float(latency_fn(subnet))
     return {"key": canonical_key(subnet), "subnet": subnet.to_dict(), "resolution": subnet.resolution,
             "mflops": count_flops(subnet, space), "params": count_params(subnet, space), **vals,
             "generation": generation}
@@ -504,7 +550,8 @@ def _values_of(row: Mapping[str, Any]) -> list[float]:
 def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: Any, cfg: Any, workdir: str,
                *, preset_results: Mapping[str, Mapping[str, Any]] | None = None, comm: Any = None,
                log: Callable[[str], None] | None = None, plot: bool = True,
-               context: Mapping[str, Any] | None = None) -> list[dict]:
+               context: Mapping[str, Any] | None = None,
+               latency_fn: Callable[[SubnetConfig], float] | None = None) -> list[dict]:
     """Runs (or resumes) the evolutionary search; returns the front: one row per FLOPs bucket
     (sorted by MFLOPs) with subnet, resolution, mflops, params, top1, top5, loss, count,
     generation (first seen), bucket and non_dominated.
@@ -518,10 +565,17 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
     `context`: what `evaluate_fn`'s numbers depend on besides the subnet (JSON; the weights and the
     calibration/evaluation settings, see the module docstring): stored results are reused only when
     they were made in the same context. The same on every process.
+    `latency_fn(subnet) -> ms` (a latency table's predictor) is needed with `objective="latency"`:
+    rows get `latency_ms`, the buckets are of predicted ms and candidates keep within `max_latency_ms`.
     """
     space = get_space(space)
     context = _plain(context)
     cfg = SearchConfig.from_any(cfg)
+    if cfg.objective == "latency":
+        if latency_fn is None:
+            raise ValueError("search objective 'latency' needs latency_fn (a latency table's predictor)")
+        check_latency_budget(space, cfg, latency_fn)
+    key = cfg.cost_key
     log = log or console.log
     if comm is None:
         import jax
@@ -541,7 +595,7 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
     nf = len(NUMERIC_FIELDS)
     buckets: dict[float, dict] = {}
     first_seen: dict[str, int] = {}
-    population = initial_population(space, cfg)
+    population = initial_population(space, cfg, latency_fn)
     for gen in range(cfg.evo_iter):
         keys = [canonical_key(s) for s in population]
         uniq: dict[str, SubnetConfig] = {}  # this generation's distinct candidates, in order
@@ -584,31 +638,35 @@ def run_search(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: 
                 values[i] = gathered[j % pcount, i]
                 if lead:
                     store.add(_row(uniq[ukeys[i]], space, values[i], gen))
-        rows = {k: _row(uniq[k], space, values[i], first_seen[k]) for i, k in enumerate(ukeys)}
-        pareto_buckets([rows[k] for k in keys], cfg.flops_step, buckets)
+        rows = {k: _row(uniq[k], space, values[i], first_seen[k], latency_fn) for i, k in enumerate(ukeys)}
+        pareto_buckets([rows[k] for k in keys], cfg.bucket_step, buckets, key=key)
         best = max(buckets.values(), key=lambda r: r["top1"])
         log(f"evo search: generation {gen + 1}/{cfg.evo_iter}: {len(population)} candidates, "
             f"{len(todo)} evaluated ({time.perf_counter() - t0:.1f}s), {len(ukeys) - len(todo)} known, "
-            f"{len(buckets)} buckets, best top-1 {best['top1']:.2f} at {best['mflops']:.1f} MFLOPs")
+            f"{len(buckets)} buckets, best top-1 {best['top1']:.2f} at {best['mflops']:.1f} MFLOPs"
+            + (f", {best['latency_ms']:.3f} ms predicted" if latency_fn is not None else ""))
         if lead:
-            write_outputs(workdir, _front(buckets), None, None, plot=False, context=context)
+            write_outputs(workdir, _front(buckets, key), None, None, plot=False, context=context)
         if gen + 1 < cfg.evo_iter:
             parents = [SubnetConfig.from_dict(buckets[b]["subnet"]) for b in sorted(buckets)]
-            population = next_population(parents, space, cfg, gen + 1)
-    front = _front(buckets)
+            population = next_population(parents, space, cfg, gen + 1, latency_fn)
+    front = _front(buckets, key)
     if lead:
-        write_outputs(workdir, front, list(store.rows.values()), preset_results, plot=plot, context=context)
+        evaluated = list(store.rows.values())
+        if latency_fn is not None:
+            evaluated = [dict(r, latency_ms=latency_fn(SubnetConfig.from_dict(r["subnet"]))) for r in evaluated]
+        write_outputs(workdir, front, evaluated, preset_results, plot=plot, context=context, key=key)
     return front
 
 
-def _front(buckets: Mapping[float, dict]) -> list[dict]:
+def _front(buckets: Mapping[float, dict], key: str = "mflops") -> list[dict]:
     rows = []
     for b in sorted(buckets):
         # Timings are left out so that the front is a function of the search alone.
         r = {k: v for k, v in buckets[b].items() if k not in ("key", "seconds")}
         r["bucket"] = b
         rows.append(r)
-    for r, nd in zip(rows, non_dominated(rows)):
+    for r, nd in zip(rows, non_dominated(rows, key)):
         r["non_dominated"] = nd
     return rows
 
@@ -664,7 +722,7 @@ CSV_FIELDS = ("subnet", "mflops", "params", "top1", "top5")
 
 def write_outputs(workdir: str, front: Sequence[Mapping[str, Any]], evaluated: Sequence[Mapping] | None,
                   preset_results: Mapping[str, Mapping[str, Any]] | None, plot: bool = True,
-                  context: Mapping[str, Any] | None = None) -> None:
+                  context: Mapping[str, Any] | None = None, key: str = "mflops") -> None:
     """pareto.json ({context_id, context, front: the rows}), pareto.csv (subnet JSON, mflops, params,
     top1, top5) and, with `plot`, pareto.png."""
     doc = {"context_id": context_id(context), "context": _plain(context), "front": list(front)}
@@ -677,13 +735,13 @@ def write_outputs(workdir: str, front: Sequence[Mapping[str, Any]], evaluated: S
                     r["top1"], r["top5"]])
     atomic_write(os.path.join(workdir, "pareto.csv"), text.getvalue().encode())
     if plot:
-        plot_pareto(os.path.join(workdir, "pareto.png"), front, evaluated or [], preset_results)
+        plot_pareto(os.path.join(workdir, "pareto.png"), front, evaluated or [], preset_results, key=key)
 
 
 def plot_pareto(path: str, front: Sequence[Mapping[str, Any]], evaluated: Sequence[Mapping[str, Any]],
-                preset_results: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-    """Top-1 vs MFLOPs: every evaluated candidate, the bucket winners and the non-dominated front,
-    and the A0..A6 presets where `preset_results` gives them."""
+                preset_results: Mapping[str, Mapping[str, Any]] | None = None, key: str = "mflops") -> None:
+    """Top-1 vs MFLOPs (or `key`, e.g. latency_ms): every evaluated candidate, the bucket winners and the
+    non-dominated front, and the A0..A6 presets where `preset_results` gives them (with that key)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -691,30 +749,28 @@ def plot_pareto(path: str, front: Sequence[Mapping[str, Any]], evaluated: Sequen
     FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
     ax = fig.add_subplot(1, 1, 1)
     if evaluated:
-        ax.scatter([r["mflops"] for r in evaluated], [r["top1"] for r in evaluated], s=8, c="0.7",
+        ax.scatter([r[key] for r in evaluated], [r["top1"] for r in evaluated], s=8, c="0.7",
                    label=f"evaluated ({len(evaluated)})")
     if front:
-        ax.scatter([r["mflops"] for r in front], [r["top1"] for r in front], s=14, c="tab:blue",
+        ax.scatter([r[key] for r in front], [r["top1"] for r in front], s=14, c="tab:blue",
                    label="bucket winners")
         nd = [r for r in front if r.get("non_dominated", True)]
-        ax.plot([r["mflops"] for r in nd], [r["top1"] for r in nd], "-o", c="tab:red", ms=4, label="Pareto front")
+        ax.plot([r[key] for r in nd], [r["top1"] for r in nd], "-o", c="tab:red", ms=4, label="Pareto front")
     for name, r in (preset_results or {}).items():
-        key = name.lower()
-        title = PRESET_TITLES.get(key, name)
-        ax.scatter([r["mflops"]], [r["top1"]], marker="*", s=120, c="tab:green", zorder=5)
-        ax.annotate(title.replace("AlphaNet-", ""), (r["mflops"], r["top1"]), textcoords="offset points",
+        if key not in r:
+            continue
+        title = PRESET_TITLES.get(name.lower(), name)
+        ax.scatter([r[key]], [r["top1"]], marker="*", s=120, c="tab:green", zorder=5)
+        ax.annotate(title.replace("AlphaNet-", ""), (r[key], r["top1"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
     if preset_results:
         ax.scatter([], [], marker="*", s=120, c="tab:green", label="AlphaNet presets")
-    ax.set_xlabel("MFLOPs")
+    ax.set_xlabel("MFLOPs" if key == "mflops" else "predicted latency (ms)" if key == "latency_ms" else key)
     ax.set_ylabel("top-1 (%)")
     ax.set_title("evolutionary search")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    atomic_write(path, png.getvalue())
+    save_figure(fig, path)
 
 
 def evaluate_presets(evaluate_fn: Callable[[SubnetConfig], Mapping[str, Any]], space: Any = None,

@@ -84,9 +84,8 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # auto (True on CPU, False elsewhere): each stage's same-shape blocks run as one lax.scan body, a smaller
     # program that compiles faster (supernet.forward).
     c.model.scan_blocks = "auto"
-    # Ghost BN: in training every BN normalises each group of this many consecutive examples of a device's
-    # batch with the group's own statistics (configs/alphanet.py: 32, the reference's per-GPU batch; README);
-    # 0: the whole per-device batch. BN calibration, evaluation and search always use whole batches.
+    # Ghost BN in training: statistics over each group of this many consecutive examples of a device's batch
+    # (0: the whole per-device batch); calibration always uses whole batches.
     c.model.bn_group_size = 0
 
     c.mesh = ml_collections.ConfigDict()
@@ -131,8 +130,23 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
 
     c.export = ml_collections.ConfigDict()
     c.export.subnet = ""  # a preset name or JSON file, or
-    c.export.max_mflops = 0.0  # the best searched subnet within this budget
+    c.export.max_mflops = 0.0  # the best searched subnet within this budget, or
+    c.export.max_latency_ms = 0.0  # the most accurate searched subnet predicted within this many ms
     c.export.directory = ""  # empty: WORKDIR/export
+    c.export.format = "flax"  # "onnx" also writes model.onnx (needs `pip install -e .[deploy]`)
+
+    # --mode=latency: times the space's parts on this device and fits a predictor (latency_measure).
+    c.latency = ml_collections.ConfigDict()
+    c.latency.runtime = "xla"  # xla: jit on the default backend; onnxruntime: the exported graphs' parts
+    c.latency.batch_size = 1
+    c.latency.warmup = 3
+    c.latency.repeats = 20  # runs per round of each part or subnet
+    c.latency.rounds = 2  # rounds over all parts or subnets in turn
+    c.latency.statistic = "median"  # of the samples; "min" is steadier on a machine shared with other work
+    c.latency.fit_subnets = 10  # whole subnets measured to fit how the parts add up
+    c.latency.validate_subnets = 30  # other subnets measured to validate the prediction
+    c.latency.seed = 0
+    c.latency.table = ""  # a table to search with (e.g. built on the target device); default DIR/latency/table.json
     return c
 
 

@@ -17,4 +17,6 @@ def get_config(arg=None):
     c.search.update(dict(parent_popu_size=12, mutate_size=6, crossover_size=6, evo_iter=3, flops_min=0.0,
                          flops_max=10.0, flops_step=0.1))
     c.export.max_mflops = 1.0
+    c.latency.batch_size = 32  # at batch 1 these tiny nets take well under a ms: mostly dispatch
+    c.search.latency_step = 0.1  # ms (search.objective=latency)
     return c

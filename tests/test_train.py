@@ -494,13 +494,14 @@ def test_one_step_equals_hand_computed_gradients_and_sgd(one_step):
     assert int(one_step["1"]["new"]["step"]) == 1
 
 
-@pytest.mark.parametrize("sync_bn", [True, False])
-def test_static_min_program_equals_the_masked_min_subnet(one_step, sync_bn):
+@pytest.mark.parametrize("sync_bn,group", [(True, 0), (False, 0), (False, 1)])
+def test_static_min_program_equals_the_masked_min_subnet(one_step, sync_bn, group):
     """The min subnet in its own sliced program gives the masked program's logits, loss and gradient
-    (zero outside its slices), on 8 devices with global and with per-device BN; only the space's min
-    subnet (at its resolution) is routed there."""
+    (zero outside its slices), on 8 devices with global, per-device and ghost BN (groups of 1 of the 2
+    examples per device); only the space's min subnet (at its resolution) is routed there."""
     c = one_step["config"].copy_and_resolve_references()
     c.model.sync_bn = sync_bn
+    c.model.bn_group_size = group
     mesh8 = one_step["8"]["mesh"]
     step = shared_step(train.make_model(c, SPACE), make_tx(c), c, mesh8)
     p, b = mesh_lib.replicate((one_step["host"]["params"], one_step["host"]["batch_stats"]), mesh8)
