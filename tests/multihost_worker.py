@@ -79,7 +79,9 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str, as_hosts: i
     real_subnets = train.sandwich_subnets
 
     def subnets(space, seed, step, n):
-        if pid == nproc - 1 and step == SIGTERM_BEFORE_STEP:
+        # A single process checks its flag after every step: the reference run is signalled during the
+        # step the processes stop after.
+        if pid == nproc - 1 and step == (SIGTERM_BEFORE_STEP if nproc > 1 else STOP_STEP - 1):
             signal.raise_signal(signal.SIGTERM)
         out = real_subnets(space, seed, step, n)
         trained.append({"step": step, "subnets": [s.to_dict() for s in out]})
