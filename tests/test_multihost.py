@@ -157,10 +157,10 @@ def one_process_run(tmp_path_factory):
 def test_two_processes_train_as_one_process_on_the_same_global_batch(two_process_run, one_process_run):
     """The 2-process params (replicated, so equal on both hosts by construction) against a 1-process run on
     the same global batches: only the order of the gradient all-reduce differs (in-process vs across
-    processes). Tolerance per leaf, from float32: 4 eps32 x the largest |param| of its top-level module
-    (block3, head, ...): theta + update rounds to 0.5 ulp of theta per step, and the update's
-    own difference, lr x float32 noise of the gradient, is far below that (lr <= 1.1e-3 in the warm-up).
-    Measured (3 steps, before the stop moved to step 6): at most 0.33 eps32 of the module scale."""
+    processes). Tolerance per leaf, from float32: 16 eps32 x the largest |param| of its top-level module
+    (block3, head, ...): theta + update rounds to 0.5 ulp of theta per step (6 steps: 3 eps32), and the update's
+    own difference, lr x float32 noise of the gradient, is below that (lr <= 1.1e-3 in the warm-up).
+    Measured: at most 3.0 eps32 of the module scale after 6 steps (43 of 79 leaves bit-identical)."""
     o0, o1 = two_process_run["outs"]
     ref = one_process_run
     assert ref["steps"] == o0["steps"] and ref["trained"] == o0["trained"]
@@ -172,5 +172,5 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(two_process
         top = k[:k.index("]") + 1]
         module[top] = max(module.get(top, 0.0), float(np.abs(v).max()))
     for k in want:
-        atol = 4 * float(np.finfo(np.float32).eps) * module[k[:k.index("]") + 1]]
+        atol = 16 * float(np.finfo(np.float32).eps) * module[k[:k.index("]") + 1]]
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=atol, err_msg=k)
