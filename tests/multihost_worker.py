@@ -1,6 +1,6 @@
 """One process of the 2-process training test (tests/test_multihost.py); not a test module itself.
 
-  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUTDIR
+  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR OUTDIR [AS_HOSTS]
 
 Trains the tiny quickstart supernet through `train.train_and_evaluate` (jax.distributed on
 127.0.0.1:PORT, 4 CPU devices per process, one shared WORKDIR) for 8 steps, saving every 4, and
@@ -9,6 +9,9 @@ delivered to the LAST process only, during its fifth step, a step without an exc
 must go on to step 6, the next exchange, and stop there and save it together. Writes
 OUTDIR/proc{ID}.npz (final params, flattened) and OUTDIR/proc{ID}.json (what this host fed the
 model, the subnets it trained, the steps after which it exchanged stop flags, the summary).
+
+With NUM_PROCESSES=1 and AS_HOSTS=2 it is the reference run: one process with all 8 devices, no
+jax.distributed, fed the global batches that 2 processes read together (their shards, concatenated).
 """
 
 import hashlib
@@ -23,7 +26,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", 8 // int(sys.argv[2]))  # 8 devices in all
 jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates, as in tests/conftest.py
 
 import numpy as np  # noqa: E402
@@ -40,7 +43,7 @@ SIGTERM_BEFORE_STEP = 4  # 0-based: the last process is "preempted" during its f
 STOP_STEP = 6  # the next exchange of stop flags (stop_check_every=3), where every process stops
 
 
-def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
+def main(pid: int, nproc: int, port: int, workdir: str, outdir: str, as_hosts: int = 0) -> None:
     c = quickstart.get_config()
     c.batch_size = 16  # 2 per device, 8 per host
     c.total_steps = TOTAL_STEPS
@@ -53,15 +56,22 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
     c.stop_check_every = 3
     c.eval.at_end = False
     c.log_every_steps = 100  # the host waits for the device only at saves (4) and exchanges (3, 6)
-    c.distributed.coordinator_address = f"127.0.0.1:{port}"
-    c.distributed.num_processes = nproc
-    c.distributed.process_id = pid
+    if nproc > 1:
+        c.distributed.coordinator_address = f"127.0.0.1:{port}"
+        c.distributed.num_processes = nproc
+        c.distributed.process_id = pid
 
     fed, trained, iterators, exchanges = [], [], [], []
 
     real_to_global = mesh_lib.to_global
+    real_make_train_iterator = data_lib.make_train_iterator
+    hosts = [real_make_train_iterator(c.data, batch_size=c.batch_size // as_hosts, seed=c.seed, process_index=i,
+                                      process_count=as_hosts) for i in range(as_hosts)]
 
     def to_global(batch, mesh):  # this host's slice of every global batch
+        if hosts:  # the reference run: what `as_hosts` processes read instead
+            parts = [next(h) for h in hosts]
+            batch = {k: np.concatenate([b[k] for b in parts]) for k in batch}
         fed.append({"labels": np.asarray(batch["label"]).tolist(),
                     "images_sha1": hashlib.sha1(np.ascontiguousarray(batch["image"]).tobytes()).hexdigest()})
         return real_to_global(batch, mesh)
@@ -69,13 +79,13 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
     real_subnets = train.sandwich_subnets
 
     def subnets(space, seed, step, n):
-        if pid == nproc - 1 and step == SIGTERM_BEFORE_STEP:
+        # A single process checks its flag after every step: the reference run is signalled during the
+        # step the processes stop after.
+        if pid == nproc - 1 and step == (SIGTERM_BEFORE_STEP if nproc > 1 else STOP_STEP - 1):
             signal.raise_signal(signal.SIGTERM)
         out = real_subnets(space, seed, step, n)
         trained.append({"step": step, "subnets": [s.to_dict() for s in out]})
         return out
-
-    real_make_train_iterator = data_lib.make_train_iterator
 
     def make_train_iterator(*args, **kwargs):
         it = real_make_train_iterator(*args, **kwargs)
@@ -94,6 +104,8 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
     data_lib.make_train_iterator = make_train_iterator
 
     out = train.train_and_evaluate(c, workdir)
+    for h in hosts:
+        h.close()
 
     params = jax.device_get(out["state"]["params"])  # replicated: every process holds all of it
     flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -121,7 +133,8 @@ def main(pid: int, nproc: int, port: int, workdir: str, outdir: str) -> None:
     }
     with open(os.path.join(outdir, f"proc{pid}.json"), "w") as f:
         json.dump(report, f)
-    jax.distributed.shutdown()
+    if nproc > 1:
+        jax.distributed.shutdown()
 
 
 def _restore_with_the_stop_step_corrupted_on_the_last_process(c, space, workdir, pid, nproc) -> dict:
@@ -154,4 +167,4 @@ def _restore_with_the_stop_step_corrupted_on_the_last_process(c, space, workdir,
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], *map(int, sys.argv[6:]))

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -75,19 +76,69 @@ def _ulps(x, n=4) -> float:
     return n * float(np.spacing(np.float32(np.abs(x).max())))
 
 
-def assert_tree_close(actual: dict, desired: dict, rel: float, slack: dict | None = None) -> None:
-    """|actual - desired| <= rel x the largest |desired| of the WHOLE tree (+ slack[leaf]), leaf by leaf.
+EPS32 = float(np.finfo(np.float32).eps)
 
-    Gradients are compared on the scale of the whole (summed) gradient: some leaves are exactly 0 in
-    exact arithmetic (e.g. the bias of a BN whose output only feeds other BNs, which are invariant
-    to shifts), and a student that nearly matches its teacher has a gradient that is a small
-    difference (q - p) of float32 numbers; both are float32 noise on their own scale.
+
+def _module(key: str) -> str:
+    """The top-level module of a flat key: "[2][0].trace['block3']['se']['bias']" -> "[2][0].trace['block3']"."""
+    m = re.match(r"^(.*?\['[^']*'\])", key)
+    return m.group(1) if m else key
+
+
+def assert_tree_close(actual: dict, desired: dict, rel: float, slack: dict | None = None, k: float = 128) -> None:
+    """Leaf by leaf: |actual - desired| <= rel x max|leaf| + k eps32 x max|module| + slack[leaf].
+
+    Each leaf is compared on its own scale (`rel` of its largest |desired|), plus a float32 floor on
+    the scale of its top-level module (block3, head, classifier: the largest |desired| over that
+    module's leaves), plus `slack[leaf]` for a known extra rounding (theta + update rounded to theta's ulps).
+
+    Why the floor: a gradient leaf computed in another order (1 vs 8 devices, a plain forward) differs
+    by float32 rounding of the TERMS summed into it, not of its own value. Some leaves are exactly 0
+    in exact arithmetic (the bias of a BN whose output only feeds other BNs, which are invariant to
+    shifts: float32 leaves ~1e-9), others are small differences (a student that nearly matches its
+    teacher back-propagates q - p; a kernel whose per-example terms cancel). Every gradient leaf of a
+    module sums products of that module's activations with the same gradient flowing into it, so the
+    module's largest leaf stands for the scale of those terms, and each of the few float32 operations
+    per term rounds eps32 of it. k = 128 (1.5e-5 of the module's scale): in the one-step tests the
+    worst leaf needs 17 (block0's shortcut kernel, 55x smaller than its block's largest leaf by
+    cancellation, 2e-4 of itself apart on 1 vs 8 devices), the zero BN biases 1.
+
+    The scale of the WHOLE tree (the classifier's gradient, 10-100x any block's) would leave small
+    leaves unchecked: a BN or SE bias wrong by 1e-3 of itself fails here and passed that scale
+    (test_assert_tree_close_checks_small_leaves).
     """
     assert actual.keys() == desired.keys()
-    scale = max(float(np.abs(v).max()) for v in desired.values())
-    for k, want in desired.items():
-        atol = rel * scale + (slack or {}).get(k, 0.0)
-        np.testing.assert_allclose(actual[k], want, rtol=0, atol=atol, err_msg=k)
+    own = {key: float(np.abs(v).max(initial=0.0)) for key, v in desired.items()}
+    module: dict[str, float] = {}
+    for key, m in own.items():
+        module[_module(key)] = max(module.get(_module(key), 0.0), m)
+    for key, want in desired.items():
+        atol = rel * own[key] + k * EPS32 * module[_module(key)] + (slack or {}).get(key, 0.0)
+        np.testing.assert_allclose(actual[key], want, rtol=0, atol=atol, err_msg=key)
+
+
+def test_assert_tree_close_checks_small_leaves():
+    """A small leaf 1e-3 (relative) off is caught leaf by leaf, and was not by the whole tree's scale.
+    Magnitudes as in the gradients of the one-step tests (a block's SE bias 300x below the classifier's)."""
+    rng = np.random.default_rng(0)
+    desired = {"['classifier']['bias']": rng.uniform(-0.14, 0.14, 10),
+               "['block5']['se_reduce']['kernel']": rng.uniform(-9e-3, 9e-3, (16, 4)),
+               "['block5']['se_reduce']['bias']": rng.uniform(-4.5e-4, 4.5e-4, 4),
+               "['block5']['project_bn']['bias']": rng.uniform(-5e-10, 5e-10, 8)}  # 0 in exact arithmetic
+    # float32 noise of the size the tests see passes: each leaf's own rounding, and the exact-zero bias
+    # at a few eps32 of its block's scale.
+    noisy = {key: np.float32(v) for key, v in desired.items()}
+    noisy["['block5']['project_bn']['bias']"] += np.float32(4 * EPS32 * 9e-3)
+    assert_tree_close(noisy, desired, 1e-4)
+
+    wrong = dict(desired)
+    wrong["['block5']['se_reduce']['bias']"] = desired["['block5']['se_reduce']['bias']"] * (1 + 1e-3)
+    with pytest.raises(AssertionError, match="se_reduce"):
+        assert_tree_close(wrong, desired, 1e-4)
+    # The previous tolerance, 1e-4 x the largest |desired| of the whole tree, let it through.
+    tree_scale = max(float(np.abs(v).max()) for v in desired.values())
+    for key in desired:
+        np.testing.assert_allclose(wrong[key], desired[key], rtol=0, atol=1e-4 * tree_scale)
 
 
 def flat(tree) -> dict:
