@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 
 from alphanet_jax import data as data_lib
 from alphanet_jax import latency_measure
-from alphanet_jax import layers
+from alphanet_jax import depthwise as depthwise_lib
+from alphanet_jax import sandwich
 from alphanet_jax import search as search_lib
 from alphanet_jax import supernet
 from alphanet_jax import train
@@ -41,8 +42,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         "sandwich.label_smoothing", "sandwich.dropout", "sandwich.drop_connect")),
     *((k, lambda v: _is_num(v), "a finite number") for k in ("sandwich.alpha_min", "sandwich.alpha_max")),
     ("model.dtype", lambda v: v in train.DTYPES, f"one of {train.DTYPES}"),
-    ("model.depthwise_impl", lambda v: v in layers.DEPTHWISE_IMPLS, f"one of {layers.DEPTHWISE_IMPLS}"),
-    ("sandwich.distill", lambda v: v in train.DISTILL_LOSSES, f"one of {train.DISTILL_LOSSES}"),
+    ("model.depthwise_impl", lambda v: v in depthwise_lib.DEPTHWISE_IMPLS, f"one of {depthwise_lib.DEPTHWISE_IMPLS}"),
+    ("sandwich.distill", lambda v: v in sandwich.DISTILL_LOSSES, f"one of {sandwich.DISTILL_LOSSES}"),
     ("model.scan_blocks", lambda v: isinstance(v, bool) or str(v).lower() in supernet.SCAN_BLOCKS_VALUES,
      "True, False or 'auto'"),
     ("model.skip_inactive_blocks",

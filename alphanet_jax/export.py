@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alphanet_jax import depthwise as depthwise_lib
 from alphanet_jax import layers
 from alphanet_jax.errors import PathNotFoundError, UserError
 from alphanet_jax.resolve import ActiveBlock, resolve
@@ -53,7 +54,7 @@ class StaticSubnet(nn.Module):
     """One subnet with static shapes: resize, stem, active blocks, head, classifier.
 
     `bn_axis_name` pmean's train-mode BN statistics over a shard_map axis, as `Supernet`'s
-    (training runs the min subnet as a static subnet, train.SandwichStep).
+    (training runs the min subnet as a static subnet, sandwich.SandwichStep).
     `bn_group_size` g > 0: ghost BN in train mode, as `supernet.Supernet`'s.
     """
 
@@ -127,7 +128,7 @@ class _StaticBlock(nn.Module):
         h = x
         if b.has_expand:
             h = act(bn("expand_bn", layers.pointwise(h, kernel("expand", (b.in_ch, b.mid))), b.mid))
-        h = layers.depthwise(h, kernel("dw", (b.kernel, b.kernel, 1, b.mid)), b.stride, self.depthwise_impl)
+        h = depthwise_lib.depthwise(h, kernel("dw", (b.kernel, b.kernel, 1, b.mid)), b.stride, self.depthwise_impl)
         h = act(bn("dw_bn", h, b.mid))
         if b.se_mid:
             se_r = self.param("se_reduce", lambda k: {"kernel": jnp.zeros((b.mid, b.se_mid)),

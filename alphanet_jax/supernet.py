@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alphanet_jax import depthwise as depthwise_lib
 from alphanet_jax import layers
 from alphanet_jax.resolve import resolve
 from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space
@@ -159,7 +160,7 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
     `dc_rate` is the block's drop-connect rate (the run's rate x its multiplier i / num_blocks),
     applied when `dc_static` and an rng are given; `index` (default b.index, traced inside a scan)
     folds the block into the rng. `kernel_sizes` (the stage's choices) let the depthwise conv run
-    only the active kernel window's taps (`layers.depthwise`). `bn_group_size`: ghost BN
+    only the active kernel window's taps (`depthwise.depthwise`). `bn_group_size`: ghost BN
     (`layers.batch_norm`).
     """
     act = layers.activation(b.act)
@@ -174,8 +175,8 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
                                                 axis_name=axis_name, group_size=bn_group_size)
         h = jnp.where(mid_m, act(h), 0)
     kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
-    h = layers.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl, active_kernel=e["kernel"],
-                         kernel_sizes=kernel_sizes)
+    h = depthwise_lib.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl,
+                                active_kernel=e["kernel"], kernel_sizes=kernel_sizes)
     h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
                                         axis_name=axis_name, group_size=bn_group_size)
     h = jnp.where(mid_m, act(h), 0)
@@ -266,6 +267,79 @@ def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) ->
     return [i / n if (not only_last_two_stages or i in last_two) else 0.0 for i in range(n)]
 
 
+def _block_fn(b: BlockSpec, dc_static: bool, *, space: SearchSpace, train: bool, bn_eps: float,
+              axis_name: str | None, dc_rate: Array, rng: Array | None, depthwise_impl: str, bn_group_size: int,
+              collect_stats: bool, remat: bool, skip_inactive: bool):
+    """(run, apply) of block `b` in `forward` (its options as given there): run(x, p, s, e, dc_mult, index)
+    -> (x, stats) computes one block; apply(..., active, always) also handles a block the subnet may not
+    have, as configured."""
+
+    def run(x, p, s, e, dc_mult, index):
+        y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
+                               dc_rate=dc_rate * dc_mult, dc_static=dc_static, rng=rng, index=index,
+                               depthwise_impl=depthwise_impl,
+                               kernel_sizes=space.stages[b.stage].kernel_sizes, bn_group_size=bn_group_size)
+        return y, (ns if collect_stats else None)
+
+    if remat:
+        run = jax.checkpoint(run)
+
+    def apply(x, p, s, e, dc_mult, index, active, always: bool):
+        if always:  # runs in every subnet
+            return run(x, p, s, e, dc_mult, index)
+
+        def skip(x):
+            # An inactive block is the identity and leaves its statistics as they were.
+            return layers.fit_channels(x, b.max_out), (s if collect_stats else None)
+
+        if skip_inactive:
+            return jax.lax.cond(active > 0, lambda x: run(x, p, s, e, dc_mult, index), skip, x)
+        y, ns = run(x, p, s, e, dc_mult, index)
+        return jnp.where(active > 0, y, layers.fit_channels(x, b.max_out)), ns
+
+    return run, apply
+
+
+def _stem_forward(params: dict, stats: dict, x: Array, enc: EncodedSubnet, space: SearchSpace, *, train: bool,
+                  bn_eps: float, axis_name: str | None, bn_group_size: int) -> tuple[Array, dict]:
+    """The stem (conv + BN + act) at the subnet's width: (activations, its BN's new statistics)."""
+    stem_m = layers.channel_mask(enc.stem, max(space.stem_widths))
+    x = layers.conv2d(x, params["stem"]["kernel"] * stem_m, space.stem_stride)
+    x, bn_stats = layers.batch_norm(x, params["stem_bn"], stats["stem_bn"], stem_m, train=train,
+                                    eps=bn_eps, axis_name=axis_name, group_size=bn_group_size)
+    return jnp.where(stem_m, layers.activation(space.act)(x), 0), bn_stats
+
+
+def _head_forward(params: dict, stats: dict, x: Array, enc: EncodedSubnet, space: SearchSpace, *, train: bool,
+                  dtype: Any, bn_eps: float, axis_name: str | None, bn_group_size: int, dropout_rate: Any,
+                  rng: Array | None) -> tuple[Array, dict]:
+    """The head at the subnet's widths: (float32 logits, {"expand_bn": its BN's new statistics})."""
+    # Head (spec §2.4): expand + BN + act, pool, ['v3': feature mix (no BN, no bias) + act], dropout,
+    # classifier. 'v2' (MobileNetV2): the expand is the last 1x1 conv, its output feeds the classifier.
+    act = layers.activation(space.act)
+    last = space.blocks[-1].max_out
+    he_m = layers.channel_mask(enc.head_expand, space.head_max_expand)
+    in_m = layers.channel_mask(enc.head_in, last)
+    hp = params["head"]
+    x = layers.pointwise(x, hp["expand"]["kernel"] * (in_m[:, None] & he_m[None, :]))
+    x, hn = layers.batch_norm(x, hp["expand_bn"], stats["head"]["expand_bn"], he_m, train=train,
+                              eps=bn_eps, axis_name=axis_name, group_size=bn_group_size)
+    x = jnp.where(he_m, act(x), 0)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+    if space.head_kind == "v3":
+        hw_m = layers.channel_mask(enc.head_width, max(space.head_widths))
+        x = x @ (hp["feature_mix"]["kernel"] * (he_m[:, None] & hw_m[None, :])).astype(dtype)
+        x = jnp.where(hw_m, act(x), 0)
+    else:
+        hw_m = he_m
+    if rng is not None:
+        rate = jnp.asarray(dropout_rate, jnp.float32)
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, 1_000_003), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+    cp = params["classifier"]
+    return layers.classifier(x, cp["kernel"] * hw_m[:, None], cp["bias"]), {"expand_bn": hn}
+
+
 def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, space: SearchSpace,
             train: bool, dtype: Any = jnp.float32, bn_eps: float = 1e-5, axis_name: str | None = None,
             dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
@@ -276,7 +350,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
 
     `remat` recomputes each block's activations in the backward pass instead of keeping
     them (`jax.checkpoint` per block): less device memory for about one extra forward.
-    `depthwise_impl` picks the depthwise convolution's implementation (`layers.depthwise`).
+    `depthwise_impl` picks the depthwise convolution's implementation (`depthwise.depthwise`).
     `scan_blocks` runs each stage's same-shape blocks as one `lax.scan` body (`block_groups`):
     the same arithmetic in a program a fraction of the size, so it compiles faster.
     `bn_group_size` g > 0: in train mode every BN normalises each group of g consecutive examples
@@ -292,42 +366,10 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
                          f"(NHWC layout)")
     x = layers.resize_bicubic(images.astype(jnp.float32), enc.resolution).astype(dtype)
     new: dict[str, Any] = {}
-    stem_m = layers.channel_mask(enc.stem, max(space.stem_widths))
-    x = layers.conv2d(x, params["stem"]["kernel"] * stem_m, space.stem_stride)
-    x, new["stem_bn"] = layers.batch_norm(x, params["stem_bn"], stats["stem_bn"], stem_m, train=train,
-                                          eps=bn_eps, axis_name=axis_name, group_size=bn_group_size)
-    x = jnp.where(stem_m, layers.activation(space.act)(x), 0)
+    x, new["stem_bn"] = _stem_forward(params, stats, x, enc, space, train=train, bn_eps=bn_eps,
+                                      axis_name=axis_name, bn_group_size=bn_group_size)
     dc_rates = drop_connect_rates(space, drop_connect_only_last_two_stages)
     dc_rate = jnp.asarray(drop_connect_rate, jnp.float32)
-
-    def block_fn(b: BlockSpec, dc_static: bool):
-        """(run, apply): run(x, p, s, e, dc_mult, index) -> (x, stats) computes one block; apply(...,
-        active, always) also handles a block the subnet may not have, as configured."""
-
-        def run(x, p, s, e, dc_mult, index):
-            y, ns = _block_forward(p, s, x, e, b, train=train, eps=bn_eps, axis_name=axis_name,
-                                   dc_rate=dc_rate * dc_mult, dc_static=dc_static, rng=rng, index=index,
-                                   depthwise_impl=depthwise_impl,
-                                   kernel_sizes=space.stages[b.stage].kernel_sizes, bn_group_size=bn_group_size)
-            return y, (ns if collect_stats else None)
-
-        if remat:
-            run = jax.checkpoint(run)
-
-        def apply(x, p, s, e, dc_mult, index, active, always: bool):
-            if always:  # runs in every subnet
-                return run(x, p, s, e, dc_mult, index)
-
-            def skip(x):
-                # An inactive block is the identity and leaves its statistics as they were.
-                return layers.fit_channels(x, b.max_out), (s if collect_stats else None)
-
-            if skip_inactive:
-                return jax.lax.cond(active > 0, lambda x: run(x, p, s, e, dc_mult, index), skip, x)
-            y, ns = run(x, p, s, e, dc_mult, index)
-            return jnp.where(active > 0, y, layers.fit_channels(x, b.max_out)), ns
-
-        return run, apply
 
     fields = ("in_ch", "mid", "out_ch", "kernel", "se")
     # Depth-optional blocks of a scanned stage run as a loop over the active ones (statistics for
@@ -338,7 +380,9 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         idx = [g.index for g in group]
         always = all(g.position < min(space.stages[g.stage].depths) for g in group)
         dc_static = any(dc_rates[i] > 0 for i in idx)
-        run, apply = block_fn(b, dc_static)
+        run, apply = _block_fn(b, dc_static, space=space, train=train, bn_eps=bn_eps, axis_name=axis_name,
+                               dc_rate=dc_rate, rng=rng, depthwise_impl=depthwise_impl, bn_group_size=bn_group_size,
+                               collect_stats=collect_stats, remat=remat, skip_inactive=skip_inactive)
         if len(group) == 1 and (always or not prefix):
             x, ns = apply(x, params[f"block{b.index}"], stats[f"block{b.index}"],
                           {k: getattr(enc, k)[b.index] for k in fields}, np.float32(dc_rates[b.index]),
@@ -364,31 +408,9 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         x, ns = jax.lax.scan(body, x, xs)
         for j, i in enumerate(idx):
             new[f"block{i}"] = None if ns is None else jax.tree.map(lambda a, j=j: a[j], ns)
-    # Head (spec §2.4): expand + BN + act, pool, ['v3': feature mix (no BN, no bias) + act], dropout,
-    # classifier. 'v2' (MobileNetV2): the expand is the last 1x1 conv, its output feeds the classifier.
-    act = layers.activation(space.act)
-    last = space.blocks[-1].max_out
-    he_m = layers.channel_mask(enc.head_expand, space.head_max_expand)
-    in_m = layers.channel_mask(enc.head_in, last)
-    hp = params["head"]
-    x = layers.pointwise(x, hp["expand"]["kernel"] * (in_m[:, None] & he_m[None, :]))
-    x, hn = layers.batch_norm(x, hp["expand_bn"], stats["head"]["expand_bn"], he_m, train=train,
-                              eps=bn_eps, axis_name=axis_name, group_size=bn_group_size)
-    new["head"] = {"expand_bn": hn}
-    x = jnp.where(he_m, act(x), 0)
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
-    if space.head_kind == "v3":
-        hw_m = layers.channel_mask(enc.head_width, max(space.head_widths))
-        x = x @ (hp["feature_mix"]["kernel"] * (he_m[:, None] & hw_m[None, :])).astype(dtype)
-        x = jnp.where(hw_m, act(x), 0)
-    else:
-        hw_m = he_m
-    if rng is not None:
-        rate = jnp.asarray(dropout_rate, jnp.float32)
-        keep = jax.random.bernoulli(jax.random.fold_in(rng, 1_000_003), 1.0 - rate, x.shape)
-        x = jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
-    cp = params["classifier"]
-    logits = layers.classifier(x, cp["kernel"] * hw_m[:, None], cp["bias"])
+    logits, new["head"] = _head_forward(params, stats, x, enc, space, train=train, dtype=dtype, bn_eps=bn_eps,
+                                        axis_name=axis_name, bn_group_size=bn_group_size,
+                                        dropout_rate=dropout_rate, rng=rng)
     return logits, (new if collect_stats else None)
 
 

@@ -29,10 +29,12 @@ from alphanet_jax import evaluate as eval_lib
 from alphanet_jax import export as export_lib
 from alphanet_jax import fingerprint as fingerprint_lib
 from alphanet_jax import latency as latency_lib
+from alphanet_jax import latency_fit
 from alphanet_jax import latency_measure
 from alphanet_jax import mesh as mesh_lib
 from alphanet_jax import onnx_export
 from alphanet_jax import search as search_lib
+from alphanet_jax import search_results
 from alphanet_jax import train as train_lib
 from alphanet_jax.files import atomic_write
 from alphanet_jax.flops import count_flops, count_params
@@ -139,7 +141,7 @@ def search_task(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     latency_fn = None
     if s.get("objective", "flops") == "latency":  # the table and the budget are checked before any evaluation
         table, table_path = load_latency_table(config, workdir)
-        latency_fn = latency_measure.make_predictor(table, space)
+        latency_fn = latency_fit.make_predictor(table, space)
         search_lib.check_latency_budget(space, search_lib.SearchConfig.from_any(cfg), latency_fn)
         log(f"search objective: latency predicted by {table_path} ({table['device_kind']}, {table['runtime']}, "
              f"batch {table['batch_size']}), buckets of {s.latency_step} ms"
@@ -197,7 +199,7 @@ def remeasure_front(config: ml_collections.ConfigDict, front: list[dict], direct
     for r, ms in zip(front, measured):
         r["measured_ms"], r["measured_on"] = ms, timer.describe()["device_kind"]
     if jax.process_index() == 0:
-        search_lib.write_outputs(directory, front, None, None, plot=False, context=context)
+        search_results.write_outputs(directory, front, None, None, plot=False, context=context)
     log(f"front re-measured on this device ({time.perf_counter() - t:.0f} s): "
          + ", ".join(f"{r['latency_ms']:.3f}->{r['measured_ms']:.3f}" for r in front) + " ms (predicted->measured)")
 
@@ -230,11 +232,11 @@ def latency_task(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         latency_lib.save_table(path, table)  # the parts are kept if the validation is interrupted
     t_parts = time.perf_counter() - t0
-    table, rows, report = latency_measure.measure_and_validate(
+    table, rows, report = latency_fit.measure_and_validate(
         timer, space, table, fit_subnets=int(L.fit_subnets), validate_subnets=int(L.validate_subnets),
         seed=int(L.seed), log=log)
     report["seconds"] = {"parts": t_parts, "total": time.perf_counter() - t0}
-    report["targets"] = dict(latency_measure.TARGETS)
+    report["targets"] = dict(latency_fit.TARGETS)
     report["note"] = ("wall-clock medians on this machine while it ran whatever else it runs: "
                       "on a shared machine the figures are noisy")
     doc = {"report": report, "table": path, "device": timer.describe(), "batch_size": int(L.batch_size),
@@ -242,10 +244,10 @@ def latency_task(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         latency_lib.save_table(path, table)
         atomic_write(os.path.join(directory, "validation.json"), json.dumps(doc, indent=1))
-        latency_measure.plot_validation(os.path.join(directory, "validation.png"), rows, report,
+        latency_fit.plot_validation(os.path.join(directory, "validation.png"), rows, report,
                                         f"{space.name}, batch {L.batch_size}, {timer.describe()['device_kind']}")
-    log(latency_measure.format_report(report))
-    short = latency_measure.shortfall(report)
+    log(latency_fit.format_report(report))
+    short = latency_fit.shortfall(report)
     if short:
         log(f"latency: below the targets: {short}")
     log(f"latency: table {path} ({len(table['entries'])} parts), validation in {directory} "
@@ -286,7 +288,7 @@ def export_task(config: ml_collections.ConfigDict, workdir: str) -> str:
         if not os.path.exists(path):
             raise errors.PathNotFoundError(f"{path} is missing: run the search first (--mode=search) or name a "
                                            f"subnet with --config.export.subnet")
-        front, front_context = search_lib.read_front(path, space)  # a malformed file fails here, naming it
+        front, front_context = search_results.read_front(path, space)  # a malformed file fails here, naming it
         if e.get("max_latency_ms", 0.0) > 0:  # the predicted latency the front was searched with
             pick = best_subnet_under_latency(front, e.max_latency_ms, path)
         else:
@@ -300,7 +302,7 @@ def export_task(config: ml_collections.ConfigDict, workdir: str) -> str:
     variables, weights = load_weights(config, workdir, mesh)
     source = weights["description"]
     if front is not None:  # the pick is the best for the weights and settings the front was searched with
-        search_lib.check_front_context(path, front_context, search_context(config, weights, variables))
+        search_results.check_front_context(path, front_context, search_context(config, weights, variables))
     model = train_lib.make_model(config, space, for_training=False)
     calib, evals = train_lib.eval_iterators(config)
     calibrated = eval_lib.calibrate_bn(model, variables, subnet, calib(), mesh=mesh,

@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     ap.add_argument("--depthwise_impl", default="auto", choices=["auto", "xla", "shift", "taps"],
-                    help="see layers.depthwise (auto: taps on CPU, xla elsewhere)")
+                    help="see depthwise.depthwise (auto: taps on CPU, xla elsewhere)")
     args = ap.parse_args(argv)
 
     import jax

@@ -45,7 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--skip_inactive_blocks", action="store_true", help="compute no depth-inactive block (model.skip_inactive_blocks)")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
     p.add_argument("--depthwise_impl", default="auto",
-                   help="auto | xla | shift | taps (see layers.depthwise; auto: taps on CPU, xla elsewhere)")
+                   help="auto | xla | shift | taps (see depthwise.depthwise; auto: taps on CPU, xla elsewhere)")
     p.add_argument("--scan_blocks", default="auto",
                    help="auto | true | false: scan each stage's same-shape blocks (auto: true on CPU)")
     p.add_argument("--static_min", default="true", choices=("true", "false"),
@@ -109,7 +109,7 @@ def build(args: argparse.Namespace):
     import jax
     import numpy as np
 
-    from alphanet_jax import mesh as mesh_lib, search_space as ss, spaces, train
+    from alphanet_jax import mesh as mesh_lib, sandwich, search_space as ss, spaces, train
     from configs import common
 
     config = common.base_config(args.space if args.space in spaces.SPACES else "alphanet", "digits")
@@ -128,7 +128,7 @@ def build(args: argparse.Namespace):
     model = train.make_model(config, space)
     tx = train.make_optimizer(config, train.learning_rate_fn(config, 10_000, 100))
     state, _ = train.create_state(model, tx, args.seed, mesh)
-    step = train.SandwichStep(model, tx, config, mesh)
+    step = sandwich.SandwichStep(model, tx, config, mesh)
     rng = np.random.default_rng(args.seed)
     images = rng.normal(size=(batch, args.image_size, args.image_size, space.in_channels)).astype(np.float32)
     labels = rng.integers(0, space.num_classes, batch).astype(np.int32)
@@ -143,7 +143,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from alphanet_jax import flops, sampling, train
+    from alphanet_jax import flops, sampling, sandwich, train
     from alphanet_jax.supernet import encode
 
     config, space, mesh, model, tx, state, step, data = build(args)
@@ -158,7 +158,7 @@ def main() -> None:
         return subs
 
     max_net = space.max_subnet()
-    encs_by_res = train.step_encodings(space)
+    encs_by_res = sandwich.step_encodings(space)
     # What the programs must compute, per device, forward + backward (MACs x 2 x 3), for a subnet at r:
     # at most the max subnet at r (what the masked program executes).
     per_dev = args.batch_per_device

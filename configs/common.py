@@ -79,7 +79,7 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # about one extra forward per subnet; for large per-device batches.
     c.model.remat = False
     # auto ('taps' on CPU, 'xla' elsewhere), 'xla' (grouped convolution), 'shift' or 'taps' (k*k shifted
-    # slices, autodiff or hand-written backward; see layers.depthwise).
+    # slices, autodiff or hand-written backward; see depthwise.depthwise).
     c.model.depthwise_impl = "auto"
     # auto (True on CPU, False elsewhere): each stage's same-shape blocks run as one lax.scan body, a smaller
     # program that compiles faster (supernet.forward).

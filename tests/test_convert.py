@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from alphanet_jax import convert, layers, supernet
+from alphanet_jax import convert, depthwise as depthwise_lib, layers, supernet
 from alphanet_jax.convert import CheckpointError, CheckpointMismatchError, UnsafeCheckpointError
 from alphanet_jax.resolve import resolve
 from alphanet_jax.sampling import sample_subnet
@@ -404,7 +404,7 @@ def test_conv_mappings_match_torch(k, stride):
     w = rng.standard_normal((6, 1, k, k)).astype(np.float32)
     dw = convert.TensorSpec("w", "params", ("w",), "conv", w.shape).to_flax(w)
     assert dw.shape == (k, k, 1, 6)
-    close(layers.depthwise(x_nhwc, dw, stride),
+    close(depthwise_lib.depthwise(x_nhwc, dw, stride),
           F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=k // 2, groups=6))
     # 1x1 conv: [O,I,1,1] -> [I,O]
     w = rng.standard_normal((6, 6, 1, 1)).astype(np.float32)

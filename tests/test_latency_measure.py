@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from alphanet_jax import errors, latency, latency_measure as lm, sampling, search as S, search_space as ss
+from alphanet_jax import errors, latency, latency_fit as lf, latency_measure as lm, sampling, search as S
+from alphanet_jax import search_space as ss
 from alphanet_jax.flops import count_flops
 
 TINY = ss.get_space("tiny")
@@ -71,22 +72,22 @@ def test_predictor_fit_and_validation_with_a_fake_timer():
     timer = FakeTimer()
     table = lm.build_table(timer, TINY, log=lambda m: None)
     assert set(table["entries"]) == set(lm.space_parts(TINY)) and table["space_id"] == lm.space_id(TINY)
-    fitted, rows, report = lm.measure_and_validate(timer, TINY, table, fit_subnets=6, validate_subnets=8, seed=0,
+    fitted, rows, report = lf.measure_and_validate(timer, TINY, table, fit_subnets=6, validate_subnets=8, seed=0,
                                                    log=lambda m: None)
     assert fitted["fit"]["model"] in ("scale * sum + overhead", "scale * sum + per-part + overhead")
     assert fitted["scale"] == pytest.approx(1.5) and fitted["overhead_ms"] == pytest.approx(0.2, abs=1e-6)
     assert fitted["per_part_ms"] == pytest.approx(0.0, abs=1e-6)
     s = TINY.max_subnet()
-    assert lm.make_predictor(fitted, TINY)(s) == pytest.approx(timer.subnet_ms(s), rel=1e-6)
+    assert lf.make_predictor(fitted, TINY)(s) == pytest.approx(timer.subnet_ms(s), rel=1e-6)
     assert len(rows) == 8 and report["latency_table"]["spearman"] == pytest.approx(1.0)
-    assert report["latency_table"]["within_10pct"] == 1.0 and not lm.shortfall(report)
+    assert report["latency_table"]["within_10pct"] == 1.0 and not lf.shortfall(report)
     flops = sorted(count_flops(ss.SubnetConfig.from_dict(r["subnet"], TINY), TINY) for r in rows)
     assert flops[0] < flops[-1]  # spread over the FLOPs range
     # a plain offset model wins when the parts add up exactly; a per-part term when there is one
     sums, counts = [1.0, 2.0, 4.0, 3.0, 5.0, 2.5, 6.0], [3, 5, 4, 6, 5, 3, 7]
-    fit = lm.fit_predictor(table, sums, counts, [x + 0.3 for x in sums])
+    fit = lf.fit_predictor(table, sums, counts, [x + 0.3 for x in sums])
     assert fit["fit"]["model"] == "sum + overhead" and fit["overhead_ms"] == pytest.approx(0.3)
-    fit = lm.fit_predictor(table, sums, counts, [0.9 * x - 0.05 * n + 0.5 for x, n in zip(sums, counts)])
+    fit = lf.fit_predictor(table, sums, counts, [0.9 * x - 0.05 * n + 0.5 for x, n in zip(sums, counts)])
     assert fit["fit"]["model"] == "scale * sum + per-part + overhead"
     assert (fit["scale"], fit["per_part_ms"], fit["overhead_ms"]) == pytest.approx((0.9, -0.05, 0.5))
     keys = list(table["entries"])[:2]
@@ -100,15 +101,15 @@ def test_predictor_fit_and_validation_with_a_fake_timer():
 
 
 def test_spearman_and_report():
-    assert lm.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert lm.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert lm.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
-    assert math.isnan(lm.spearman([1, 1], [1, 2]))
+    assert lf.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert lf.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert lf.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+    assert math.isnan(lf.spearman([1, 1], [1, 2]))
     rows = [dict(measured_ms=m, predicted_ms=p, mflops=f, mflops_predicted_ms=q)
             for m, p, f, q in [(1.0, 1.05, 1, 2.0), (2.0, 2.5, 2, 2.0), (3.0, 2.95, 3, 3.0)]]
-    r = lm.validation_report(rows)
+    r = lf.validation_report(rows)
     assert r["latency_table"]["within_10pct"] == pytest.approx(2 / 3) and r["mflops"]["spearman"] == 1.0
-    assert "within +-10 %" in lm.shortfall(r) and "Spearman" not in lm.shortfall(r)
+    assert "within +-10 %" in lf.shortfall(r) and "Spearman" not in lf.shortfall(r)
 
 
 @pytest.mark.slow
@@ -194,7 +195,7 @@ def _fake_eval(s):
 
 def test_search_objective_latency_buckets_and_budget(tmp_path):
     table = lm.build_table(FakeTimer(), TINY, log=lambda m: None)
-    predict = lm.make_predictor(dict(table, scale=1.5, overhead_ms=0.2), TINY)
+    predict = lf.make_predictor(dict(table, scale=1.5, overhead_ms=0.2), TINY)
     lo, hi = predict(TINY.min_subnet()), predict(TINY.max_subnet())
     budget = lo + 0.4 * (hi - lo)
     cfg = dict(parent_popu_size=6, mutate_size=4, crossover_size=4, evo_iter=2, flops_min=0.0, flops_max=100.0,

@@ -16,7 +16,8 @@ PACKAGE = ROOT / "alphanet_jax"
 LAYERS = [
     "errors", "files", "console", "latency", "safe_pickle", "widths", "spaces", "space_dict", "search_space", "presets",
     "resolve", "sampling", "flops", "evolution", "losses", "data", "fingerprint", "mesh", "checkpoint",
-    "layers", "supernet", "evaluate", "export", "onnx_export", "latency_measure", "convert", "train", "search", "config_check", "tasks", "launch",
+    "layers", "depthwise", "supernet", "evaluate", "export", "onnx_export", "latency_measure", "latency_fit",
+    "convert", "metrics", "sandwich", "search_results", "train", "search", "config_check", "tasks", "launch",
 ]
 
 

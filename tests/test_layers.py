@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from alphanet_jax import depthwise as depthwise_lib
 from alphanet_jax import layers
 
 
@@ -22,8 +23,8 @@ def test_shifted_depthwise_equals_xla_grouped_convolution_values_and_gradients(n
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kk, (k, k, 1, c))
-    y, vjp = jax.vjp(lambda a, b: layers.depthwise(a, b, stride, impl), x, kernel)
-    y_ref, vjp_ref = jax.vjp(lambda a, b: layers.depthwise(a, b, stride, "xla"), x, kernel)
+    y, vjp = jax.vjp(lambda a, b: depthwise_lib.depthwise(a, b, stride, impl), x, kernel)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: depthwise_lib.depthwise(a, b, stride, "xla"), x, kernel)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     g = jax.random.normal(kg, y.shape)
@@ -34,10 +35,10 @@ def test_shifted_depthwise_equals_xla_grouped_convolution_values_and_gradients(n
 def test_shifted_depthwise_in_bfloat16_accumulates_in_float32():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 8))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (5, 5, 1, 8))
-    y = layers.depthwise(x.astype(jnp.bfloat16), kernel, 2, "shift")
+    y = depthwise_lib.depthwise(x.astype(jnp.bfloat16), kernel, 2, "shift")
     assert y.dtype == jnp.bfloat16
-    exact = layers.depthwise(x.astype(jnp.bfloat16).astype(jnp.float32), kernel.astype(jnp.bfloat16)
-                             .astype(jnp.float32), 2, "xla")
+    exact = depthwise_lib.depthwise(x.astype(jnp.bfloat16).astype(jnp.float32), kernel.astype(jnp.bfloat16)
+                                    .astype(jnp.float32), 2, "xla")
     # one bfloat16 rounding of the result, not one per tap
     np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2.0 ** -8, atol=1e-6)
 
@@ -52,7 +53,7 @@ def test_shift_gradient_does_only_the_necessary_work_where_xla_cpu_expands_it():
     needed = 3 * 2 * n * h * h * c * k * k  # forward + two gradients, a multiply-add = 2 FLOPs
 
     def flops(impl):
-        f = jax.grad(lambda a, b: jnp.sum(layers.depthwise(a, b, 1, impl)), argnums=(0, 1))
+        f = jax.grad(lambda a, b: jnp.sum(depthwise_lib.depthwise(a, b, 1, impl)), argnums=(0, 1))
         cost = jax.jit(f).lower(x, kernel).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
@@ -65,9 +66,9 @@ def test_taps_kernel_gradient_is_the_same_in_any_chunking():
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 11, 9, 4))
     for stride in (1, 2):
         dy = jax.random.normal(jax.random.PRNGKey(stride), (3, (11 - 1) // stride + 1, (9 - 1) // stride + 1, 4))
-        whole = layers._depthwise_kernel_grad(x, dy, 5, stride, chunk_elems=1 << 30)
+        whole = depthwise_lib._depthwise_kernel_grad(x, dy, 5, stride, chunk_elems=1 << 30)
         for chunk in (1, 9 * 4, 3 * 9 * 4):
-            np.testing.assert_allclose(layers._depthwise_kernel_grad(x, dy, 5, stride, chunk_elems=chunk), whole,
+            np.testing.assert_allclose(depthwise_lib._depthwise_kernel_grad(x, dy, 5, stride, chunk_elems=chunk), whole,
                                        rtol=1e-5, atol=1e-4)
 
 
@@ -84,11 +85,12 @@ def test_depthwise_and_pointwise_gradients_under_shard_map_sum_over_devices(impl
     pw = jax.random.normal(jax.random.PRNGKey(2), (4, 5))
 
     def local(x, dw, pw):
-        h = layers.pointwise(layers.depthwise(x, dw, 2, impl), pw)
+        h = layers.pointwise(depthwise_lib.depthwise(x, dw, 2, impl), pw)
         return jax.lax.psum(jnp.sum(jnp.sin(h)), "data")
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P())
-    plain = lambda x, dw, pw: jnp.sum(jnp.sin(layers._pointwise(layers.depthwise(x, dw, 2, "xla"), pw)))  # noqa: E731
+    plain = lambda x, dw, pw: jnp.sum(  # noqa: E731
+        jnp.sin(layers._pointwise(depthwise_lib.depthwise(x, dw, 2, "xla"), pw)))
     got = jax.grad(sharded, argnums=(0, 1, 2))(x, dw, pw)
     want = jax.grad(plain, argnums=(0, 1, 2))(x, dw, pw)
     for g, w_ in zip(got, want):
@@ -113,7 +115,7 @@ def test_pointwise_cpu_backward_equals_autodiff(n, h, cin, cout, seed):
 
 def test_unknown_depthwise_impl_is_refused():
     with pytest.raises(ValueError, match="depthwise impl"):
-        layers.depthwise(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, "cudnn")
+        depthwise_lib.depthwise(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 1, "cudnn")
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -127,8 +129,9 @@ def test_elastic_taps_equal_the_masked_kernel(stride, h):
         mask = layers.kernel_mask(active, 7)[:, :, None, None]
 
         def loss(x, w, elastic):
-            y = layers.depthwise(x, w * mask, stride, "taps", active_kernel=jnp.asarray(active) if elastic else None,
-                                 kernel_sizes=(3, 5, 7) if elastic else ())
+            y = depthwise_lib.depthwise(x, w * mask, stride, "taps",
+                                        active_kernel=jnp.asarray(active) if elastic else None,
+                                        kernel_sizes=(3, 5, 7) if elastic else ())
             return jnp.sum(y * jnp.cos(y)), y
 
         (_, y_e), g_e = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, True), (0, 1), has_aux=True))(x, kernel)

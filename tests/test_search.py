@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from alphanet_jax import search as S
+from alphanet_jax import search_results as R
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.search_space import SubnetConfig, get_space
 
@@ -173,7 +174,7 @@ def test_corrupt_middle_line_is_an_error(tmp_path):
     d.mkdir()
     (d / "evaluated.jsonl").write_text('{"key": "a", "top1": 1}\nnot json\n{"key": "b", "top1": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
-        S.ResultStore(str(d / "evaluated.jsonl"))
+        R.ResultStore(str(d / "evaluated.jsonl"))
 
 
 def test_outputs_written_and_consistent(reference):
@@ -259,7 +260,7 @@ def test_candidates_spread_over_processes(tmp_path, reference, nproc):
     assert all(f.calls for f in fakes)  # every process did some of the work
     rows = read_jsonl(str(tmp_path / "p0" / "evaluated.jsonl"))
     assert sorted(r["key"] for r in rows) == sorted(reference["fake"].calls)
-    assert {r["context"] for r in rows} == {S.context_id(CTX)}
+    assert {r["context"] for r in rows} == {R.context_id(CTX)}
     assert not any(os.path.exists(tmp_path / f"p{i}" / "evaluated.jsonl") for i in range(1, nproc))
 
 
@@ -314,12 +315,12 @@ def test_other_weights_re_evaluate_every_candidate(tmp_path, reference):
     assert f"{len(calls)} stored results" in said[0]
     assert "weights.step 40 -> 20" in said[0] and "weights.fingerprint aaaaaaaaaaaa -> bbbbbbbbbbbb" in said[0]
     assert all(f"{len(calls)} known" not in m for m in logs if "generation 1/" in m)
-    assert read_pareto(d) == {"context_id": S.context_id(other), "context": other,
+    assert read_pareto(d) == {"context_id": R.context_id(other), "context": other,
                               "front": json.loads(json.dumps(front_b))}
     rows = read_jsonl(os.path.join(d, "evaluated.jsonl"))
-    assert [r["context"] for r in rows] == [S.context_id(CTX)] * len(calls) + [S.context_id(other)] * len(calls)
+    assert [r["context"] for r in rows] == [R.context_id(CTX)] * len(calls) + [R.context_id(other)] * len(calls)
     with open(os.path.join(d, "search_config.json")) as f:
-        assert json.load(f)["contexts"] == {S.context_id(CTX): CTX, S.context_id(other): other}
+        assert json.load(f)["contexts"] == {R.context_id(CTX): CTX, R.context_id(other): other}
     # Back to the first weights: their results are still there and valid.
     front_a2, fake_a2, _ = run(tmp_path, "w", context=CTX, plot=False)
     assert fake_a2.calls == [] and strip(front_a2) == strip(front_a)
@@ -375,17 +376,17 @@ FRONT_ROW = {"subnet": SPACE.min_subnet().to_dict(), "mflops": LO, "params": cou
 def test_malformed_pareto_json_names_the_file(tmp_path, content, what):
     path = tmp_path / "pareto.json"
     path.write_bytes(content)
-    with pytest.raises(S.SearchResultsError, match=f"{re.escape(str(path))}.*{what}"):
-        S.read_front(str(path), SPACE)
+    with pytest.raises(R.SearchResultsError, match=f"{re.escape(str(path))}.*{what}"):
+        R.read_front(str(path), SPACE)
 
 
 def test_check_front_context():
-    S.check_front_context("p.json", CTX, ctx(**{"weights.source": "/moved"}))  # same weights: accepted
-    with pytest.raises(S.SearchResultsError, match=r"p\.json .*weights\.fingerprint aaaaaaaaaaaa -> bbbbbbbbbbbb.*"
+    R.check_front_context("p.json", CTX, ctx(**{"weights.source": "/moved"}))  # same weights: accepted
+    with pytest.raises(R.SearchResultsError, match=r"p\.json .*weights\.fingerprint aaaaaaaaaaaa -> bbbbbbbbbbbb.*"
                                                    r"rerun the search"):
-        S.check_front_context("p.json", CTX, ctx(**{"weights.fingerprint": "b" * 64}))
-    with pytest.raises(S.SearchResultsError, match=r"p\.json does not record .* older version"):
-        S.check_front_context("p.json", None, CTX)
+        R.check_front_context("p.json", CTX, ctx(**{"weights.fingerprint": "b" * 64}))
+    with pytest.raises(R.SearchResultsError, match=r"p\.json does not record .* older version"):
+        R.check_front_context("p.json", None, CTX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +422,7 @@ def export_setup(tmp_path, monkeypatch):
     loaded["weights"] = (vars_a, 40)
     _, where = tasks.load_weights(config, str(tmp_path))
     (tmp_path / "search").mkdir()
-    S.write_outputs(str(tmp_path / "search"), [FRONT_ROW], None, None, plot=False,
+    R.write_outputs(str(tmp_path / "search"), [FRONT_ROW], None, None, plot=False,
                     context=tasks.search_context(config, where, vars_a))
 
     def export(variables, step, **overrides):
@@ -439,10 +440,10 @@ def test_export_refuses_a_front_from_other_weights(export_setup):
     with pytest.raises(x["Calibrating"]):  # the same weights: the pick goes on to calibration
         x["export"](x["vars_a"], 40)
     perturbed = {"params": {"w": x["vars_a"]["params"]["w"] + 1e-3}, "batch_stats": x["vars_a"]["batch_stats"]}
-    with pytest.raises(S.SearchResultsError, match=f"{re.escape(x['path'])} was evaluated with other weights.*"
+    with pytest.raises(R.SearchResultsError, match=f"{re.escape(x['path'])} was evaluated with other weights.*"
                                                    r"weights\.step 40 -> 20, weights\.fingerprint .*--mode=search"):
         x["export"](perturbed, 20)
-    with pytest.raises(S.SearchResultsError, match=r"\(calibration\.batches 8 -> 2\); rerun"):
+    with pytest.raises(R.SearchResultsError, match=r"\(calibration\.batches 8 -> 2\); rerun"):
         x["export"](x["vars_a"], 40, **{"search.calib_batches": 2})
 
 
@@ -450,5 +451,5 @@ def test_export_names_a_malformed_pareto_json(export_setup):
     x = export_setup
     with open(x["path"], "w") as f:
         json.dump({"front": [{"subnet": FRONT_ROW["subnet"], "top1": 50.0}]}, f)
-    with pytest.raises(S.SearchResultsError, match=f"{re.escape(x['path'])}: front row 0 lacks \\['mflops'\\]"):
+    with pytest.raises(R.SearchResultsError, match=f"{re.escape(x['path'])}: front row 0 lacks \\['mflops'\\]"):
         x["export"](x["vars_a"], 40)

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # `configs` is a directory of the repo, not an in
 
 from alphanet_jax import losses  # noqa: E402
 from alphanet_jax import mesh as mesh_lib  # noqa: E402
+from alphanet_jax import sandwich  # noqa: E402
 from alphanet_jax import train  # noqa: E402
 from alphanet_jax.sampling import sandwich_subnets  # noqa: E402
 from alphanet_jax.search_space import get_space  # noqa: E402
@@ -307,14 +308,14 @@ def step_config():
 _STEPS: dict = {}
 
 
-def shared_step(model, tx, config, mesh) -> "train.SandwichStep":
+def shared_step(model, tx, config, mesh) -> "sandwich.SandwichStep":
     """One SandwichStep per (mesh size, config) for this module. jit caches live in the instance, so
     each new SandwichStep (train_and_evaluate makes one per call) compiles the same 3-4 programs
     again, ~5 s each here; the programs are pure functions, sharing them changes no arithmetic.
     `tx` must be make_optimizer(config, learning_rate_fn(config, *resolve_schedule(config, .)))."""
     key = (mesh.devices.size, config.to_json())
     if key not in _STEPS:
-        _STEPS[key] = train.SandwichStep(model, tx, config, mesh)
+        _STEPS[key] = sandwich.SandwichStep(model, tx, config, mesh)
     return _STEPS[key]
 
 
@@ -475,7 +476,7 @@ def test_dropout_and_drop_connect_apply_to_the_max_subnet_only(one_step):
     c = one_step["config"].copy_and_resolve_references()
     c.sandwich.dropout, c.sandwich.drop_connect = 0.5, 0.5
     plain = one_step["1"]["step"]  # rates 0
-    step = train.SandwichStep(one_step["model"], one_step["tx"], c, plain.mesh)
+    step = sandwich.SandwichStep(one_step["model"], one_step["tx"], c, plain.mesh)
     p, b = mesh_lib.replicate((one_step["host"]["params"], one_step["host"]["batch_stats"]), plain.mesh)
     gb = mesh_lib.to_global(one_step["batch"], plain.mesh)
     encs, key = one_step["encs"], one_step["key"]
@@ -813,12 +814,12 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
     model = train.make_model(c, SPACE)
     tx = make_tx(c)
     state, _ = train.create_state(model, tx, 0, mesh)
-    step = train.SandwichStep(model, tx, c, mesh)
+    step = sandwich.SandwichStep(model, tx, c, mesh)
     rng = np.random.default_rng(0)
     batch = mesh_lib.to_global({"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
                                 "label": rng.integers(0, 10, BATCH).astype(np.int32)}, mesh)
     keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(6)]
-    secs = step.precompile(state, batch, train.step_encodings(SPACE), keys[0])
+    secs = step.precompile(state, batch, sandwich.step_encodings(SPACE), keys[0])
     assert set(secs) == {"subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"}
     assert len(secs) == len(SPACE.resolutions) + 2
     encs = [[encode(s, SPACE) for s in sandwich_subnets(SPACE, 0, i, 4)] for i in range(6)]
