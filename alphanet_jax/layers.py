@@ -314,4 +314,6 @@ def prefix_scan(f, x: Array, params: Any, aux: Any, n: Any) -> Array:
         return dx, grads, jax.tree.map(lambda _: None, aux), None
 
     run.defvjp(run_fwd, run_bwd)
-    return run(x, jax.tree.map(lambda p: like_varying(p, x), params), aux, n)
+    # Host (numpy) encodings, as an un-jitted apply passes them, become arrays the loop can index.
+    aux = jax.tree.map(jnp.asarray, aux)
+    return run(x, jax.tree.map(lambda p: like_varying(p, x), params), aux, jnp.asarray(n))
