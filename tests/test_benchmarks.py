@@ -49,7 +49,7 @@ def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
         assert r["label"] == label and r["images_per_s"] > 0 and r["recompiled"] == 0 and r["late_compiles"] == 0
         assert r["devices"] == 2 and r["remat"] is (label == "bf16_remat")
     programs = json.loads((tmp_path / "train_bf16.json").read_text())["xla"]  # --xla_stats
-    assert [row["program"] for row in programs] == ["subnets @ 16", "subnets @ 24 (and max)", "zeros", "update"]
+    assert [row["program"] for row in programs] == ["subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"]
     assert programs[0]["gflop"] > 0 and programs[0]["temp_bytes"] > 0 and programs[0]["argument_bytes"] > 0
     for s in ("min", "max"):
         for mode in ("masked", "static"):
