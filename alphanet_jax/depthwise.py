@@ -134,12 +134,12 @@ def _depthwise_input_grad(dy: Array, taps: Array, stride: int, h: int, w: int) -
     return dxp[:, pad:pad + h, pad:pad + w, :].astype(dy.dtype)
 
 
-def _depthwise_kernel_grad(x: Array, dy: Array, k: int, stride: int, chunk_elems: int = 1 << 17) -> Array:
+def _depthwise_kernel_grad(x: Array, dy: Array, k: int, stride: int, chunk_elems: int = 1 << 20) -> Array:
     """[k*k, C] float32: sum over examples and positions of each tap's input slice times dy.
 
-    The k*k reductions run chunk by chunk (one example, a band of output rows: about `chunk_elems`
-    values of dy) in a scan, so each chunk's input rows stay in cache for all k*k taps instead of
-    k*k passes over the whole batch.
+    The k*k reductions run chunk by chunk (one example, or a band of its output rows: at most
+    `chunk_elems` values of dy) in a scan, as one variadic reduction per chunk, so each chunk's
+    input rows stay in cache for all k*k taps instead of k*k passes over the whole batch.
     """
     pad = k // 2
     n, ho, wo, c = dy.shape
@@ -155,9 +155,12 @@ def _depthwise_kernel_grad(x: Array, dy: Array, k: int, stride: int, chunk_elems
         e, t = idx // chunks, idx % chunks
         xs = jax.lax.dynamic_slice(xp, (e, t * rows * stride, 0, 0), (1, in_rows, xp.shape[2], c))
         d = jax.lax.dynamic_slice(dyp, (e, t * rows, 0, 0), (1, rows, wo, c)).astype(jnp.float32)
-        part = jnp.stack([jnp.sum(_tap_window(xs, i, j, rows, wo, stride).astype(jnp.float32) * d, axis=(0, 1, 2))
-                          for i in range(k) for j in range(k)])
-        return None, part
+        prods = [_tap_window(xs, i, j, rows, wo, stride).astype(jnp.float32) * d for i in range(k) for j in range(k)]
+        # One variadic reduction: a single pass over the chunk accumulates all k*k taps (k*k
+        # separate reductions re-read the chunk k*k times: 1.6-2.6x slower, benchmarks/RESULTS.md).
+        zeros = [jnp.zeros((), jnp.float32)] * len(prods)
+        sums = jax.lax.reduce(prods, zeros, lambda acc, v: [a + b for a, b in zip(acc, v)], (0, 1, 2))
+        return None, jnp.stack(sums)
 
     # Per-chunk partial sums as scan outputs, not a carry: a carry would need its varying-ness
     # declared under shard_map.

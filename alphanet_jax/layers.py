@@ -11,10 +11,16 @@ import functools
 from typing import Any
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+# `jax.checkpoint` names of what a block keeps for its backward under block_residuals='convs'
+# (supernet.resolve_block_residuals): convolution outputs, the SE gate, BN batch statistics.
+SAVED_CONV, SAVED_SE, SAVED_BN_STATS = "conv", "se", "bn_stats"
+SAVED_NAMES = (SAVED_CONV, SAVED_SE, SAVED_BN_STATS)
 
 
 def activation(name: str):
@@ -161,6 +167,7 @@ def batch_norm(x: Array, p: dict, s: dict, mask: Array, *, train: bool, eps: flo
         return _ghost_batch_norm(x, p, s, mask, eps=eps, group_size=g)
     if train:
         mean, var, n = batch_stats(x, axis_name)
+        mean, var = checkpoint_name(mean, SAVED_BN_STATS), checkpoint_name(var, SAVED_BN_STATS)
         unbiased = var * (n / jnp.maximum(n - 1, 1))
         # Inactive channels keep their stored statistics.
         new = {"mean": jnp.where(mask, mean, s["mean"]), "var": jnp.where(mask, unbiased, s["var"])}
@@ -182,6 +189,7 @@ def _ghost_batch_norm(x: Array, p: dict, s: dict, mask: Array, *, eps: float, gr
     n = np.prod(xf.shape[1:-1])
     mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)  # [groups, 1, 1, 1, C]
     var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
+    mean, var = checkpoint_name(mean, SAVED_BN_STATS), checkpoint_name(var, SAVED_BN_STATS)
     unbiased = var * (n / jnp.maximum(n - 1, 1))
     new = {"mean": jnp.where(mask, jnp.mean(mean, axis=(0, 1, 2, 3)), s["mean"]),
            "var": jnp.where(mask, jnp.mean(unbiased, axis=(0, 1, 2, 3)), s["var"])}
@@ -267,23 +275,39 @@ def prefix_scan(f, x: Array, params: Any, aux: Any, n: Any) -> Array:
     Depth-inactive blocks are a suffix of their stage, so a stage runs as a loop over its active
     prefix: the other blocks cost nothing, forward or backward. Differentiable in x and `params`
     (`aux` gets no gradient): the forward stashes each active step's VJP residuals, the backward
-    runs the active steps' VJPs in reverse. (A `lax.cond` inside a `lax.scan` does the same
-    arithmetic but measured slower on CPU than computing every block: it writes the skipped steps'
-    residuals as zeros and copies the taken ones', benchmarks/RESULTS.md.)
+    runs the active steps' VJPs in reverse. Residuals that are the step's own parameters or aux
+    (forwarded inputs) are not stashed: the backward slices them again from the stacks. (A
+    `lax.cond` inside a `lax.scan` does the same arithmetic but measured slower on CPU than
+    computing every block: it writes the skipped steps' residuals as zeros and copies the taken
+    ones', benchmarks/RESULTS.md.)
     """
-    box: dict[str, Any] = {}  # the residuals' tree structure, from the forward's trace to the backward's
+    box: dict[str, Any] = {}  # the residuals' structure, from the forward's trace to the backward's
     at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
 
     def step_vjp(x, p, a):
-        return jax.vjp(lambda x, p: f(x, p, a), x, p)
+        """(y, residuals to stash); records where the others come from in box["where"]."""
+        y, vjp = jax.vjp(lambda x, p: f(x, p, a), x, p)
+        leaves, box["tree"] = jax.tree.flatten(vjp)
+        inputs = jax.tree.leaves((p, a))
+        where, stash = [], []
+        for leaf in leaves:
+            k = next((k for k, v in enumerate(inputs) if leaf is v), None)
+            where.append(("input", k) if k is not None else ("stash", len(stash)))
+            if k is None:
+                stash.append(leaf)
+        box["where"] = where
+        return y, stash
+
+    def residuals(stash, params, aux, i):
+        inputs = jax.tree.leaves((at(params, i), at(aux, i)))
+        return [inputs[k] if kind == "input" else stash[k][i] for kind, k in box["where"]]
 
     def loop(x, params, aux, n, stash):
         def body(i, carry):
             x, stash = carry
             if stash is None:  # no gradient wanted: just the blocks
                 return f(x, at(params, i), at(aux, i)), None
-            y, vjp = step_vjp(x, at(params, i), at(aux, i))
-            leaves, box["tree"] = jax.tree.flatten(vjp)
+            y, leaves = step_vjp(x, at(params, i), at(aux, i))
             return y, [jax.lax.dynamic_update_index_in_dim(s, like_varying(r, s), i, 0) for s, r in zip(stash, leaves)]
 
         return jax.lax.fori_loop(0, n, body, (x, stash))
@@ -293,7 +317,7 @@ def prefix_scan(f, x: Array, params: Any, aux: Any, n: Any) -> Array:
         return loop(x, params, aux, n, None)[0]
 
     def run_fwd(x, params, aux, n):
-        shapes = jax.eval_shape(lambda x, p, a: jax.tree.leaves(step_vjp(x, p, a)[1]), x, at(params, 0), at(aux, 0))
+        shapes = jax.eval_shape(lambda x, p, a: step_vjp(x, p, a)[1], x, at(params, 0), at(aux, 0))
         length = jax.tree.leaves(params)[0].shape[0]
         stash = [like_varying(jnp.zeros((length,) + s.shape, s.dtype), x) for s in shapes]
         y, stash = loop(x, params, aux, n, stash)
@@ -305,7 +329,7 @@ def prefix_scan(f, x: Array, params: Any, aux: Any, n: Any) -> Array:
         def body(k, carry):
             i = n - 1 - k
             dx, grads = carry
-            dx, g = jax.tree.unflatten(box["tree"], [s[i] for s in stash])(dx)
+            dx, g = jax.tree.unflatten(box["tree"], residuals(stash, params, aux, i))(dx)
             return dx, jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, like_varying(v, buf), i, 0),
                                     grads, g)
 

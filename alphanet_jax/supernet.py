@@ -32,6 +32,7 @@ import chex
 import flax.linen as nn
 import flax.struct
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -171,12 +172,14 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
     h = x
     if b.has_expand:
         h = layers.pointwise(h, p["expand"]["kernel"] * (in_m[:, None] & mid_m[None, :]))
+        h = checkpoint_name(h, layers.SAVED_CONV)
         h, new["expand_bn"] = layers.batch_norm(h, p["expand_bn"], s["expand_bn"], mid_m, train=train, eps=eps,
                                                 axis_name=axis_name, group_size=bn_group_size)
         h = jnp.where(mid_m, act(h), 0)
     kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
     h = depthwise_lib.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl,
                                 active_kernel=e["kernel"], kernel_sizes=kernel_sizes)
+    h = checkpoint_name(h, layers.SAVED_CONV)
     h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
                                         axis_name=axis_name, group_size=bn_group_size)
     h = jnp.where(mid_m, act(h), 0)
@@ -187,15 +190,18 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
         z = jax.nn.relu(z + p["se_reduce"]["bias"] * se_m)
         g = z @ (p["se_expand"]["kernel"] * (se_m[:, None] & mid_m[None, :]))
         g = layers.hard_sigmoid(g + p["se_expand"]["bias"] * mid_m)
+        g = checkpoint_name(g, layers.SAVED_SE)
         h = h * g[:, None, None, :].astype(h.dtype)
     h = layers.pointwise(h, p["project"]["kernel"] * (mid_m[:, None] & out_m[None, :]))
+    h = checkpoint_name(h, layers.SAVED_CONV)
     h, new["project_bn"] = layers.batch_norm(h, p["project_bn"], s["project_bn"], out_m, train=train, eps=eps,
                                              axis_name=axis_name, group_size=bn_group_size)
     if b.shortcut_mode == "always":
         # Shortcut (spec §2.3): pool if strided, 1x1 conv if the active widths differ.
         sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
         if b.position == 0:
-            conv = layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :]))
+            conv = checkpoint_name(layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :])),
+                                   layers.SAVED_CONV)
             sc = jnp.where(e["in_ch"] != e["out_ch"], conv, layers.fit_channels(sc, b.max_out))
     elif b.stride > 1:  # 'identity_when_same' (MobileNetV2): no residual in strided blocks
         sc = None
@@ -260,6 +266,23 @@ def resolve_skip_inactive(skip_inactive: bool | str, scan_blocks: bool) -> bool:
     raise ValueError(f"skip_inactive_blocks must be True, False or 'auto', got {skip_inactive!r}")
 
 
+BLOCK_RESIDUALS_VALUES = ("auto", "all", "convs")  # model.block_residuals
+
+
+def resolve_block_residuals(value: str) -> str:
+    """What a block keeps for its backward pass: 'all' (every intermediate JAX's autodiff saves: ~20
+    full-size tensors per inverted-residual block) or 'convs' (the convolutions' outputs, the SE gate
+    and the BN statistics; BN, activations and masks are recomputed elementwise in the backward pass).
+    Scanned blocks stack what they keep in memory: 'convs' made the AlphaNet student ~20 % faster on
+    the 2-core CPU (benchmarks/RESULTS.md). 'auto': 'convs' on CPU, 'all' elsewhere until measured."""
+    value = str(value).lower()
+    if value not in BLOCK_RESIDUALS_VALUES:
+        raise ValueError(f"block_residuals must be one of {BLOCK_RESIDUALS_VALUES}, got {value!r}")
+    if value == "auto":
+        return "convs" if jax.default_backend() == "cpu" else "all"
+    return value
+
+
 def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) -> list[float]:
     """Per-block drop-connect multiplier i / num_blocks (spec §2.8), times the run's rate."""
     n = space.num_blocks
@@ -269,7 +292,7 @@ def drop_connect_rates(space: SearchSpace, only_last_two_stages: bool = True) ->
 
 def _block_fn(b: BlockSpec, dc_static: bool, *, space: SearchSpace, train: bool, bn_eps: float,
               axis_name: str | None, dc_rate: Array, rng: Array | None, depthwise_impl: str, bn_group_size: int,
-              collect_stats: bool, remat: bool, skip_inactive: bool):
+              collect_stats: bool, remat: bool, skip_inactive: bool, block_residuals: str = "all"):
     """(run, apply) of block `b` in `forward` (its options as given there): run(x, p, s, e, dc_mult, index)
     -> (x, stats) computes one block; apply(..., active, always) also handles a block the subnet may not
     have, as configured."""
@@ -283,6 +306,8 @@ def _block_fn(b: BlockSpec, dc_static: bool, *, space: SearchSpace, train: bool,
 
     if remat:
         run = jax.checkpoint(run)
+    elif block_residuals == "convs":  # recompute BN, activations and masks from the saved outputs
+        run = jax.checkpoint(run, policy=jax.checkpoint_policies.save_only_these_names(*layers.SAVED_NAMES))
 
     def apply(x, p, s, e, dc_mult, index, active, always: bool):
         if always:  # runs in every subnet
@@ -345,11 +370,14 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
             dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0, rng: Array | None = None,
             drop_connect_only_last_two_stages: bool = True, skip_inactive: bool = True,
             collect_stats: bool = False, remat: bool = False, depthwise_impl: str = "auto",
-            scan_blocks: bool | str = "auto", bn_group_size: int = 0) -> tuple[Array, dict | None]:
+            scan_blocks: bool | str = "auto", bn_group_size: int = 0,
+            block_residuals: str = "auto") -> tuple[Array, dict | None]:
     """Logits (float32) and, with `collect_stats` in train mode, this batch's BN statistics.
 
     `remat` recomputes each block's activations in the backward pass instead of keeping
     them (`jax.checkpoint` per block): less device memory for about one extra forward.
+    `block_residuals` ('auto', 'all', 'convs'): what each block keeps for the backward pass otherwise
+    (`resolve_block_residuals`).
     `depthwise_impl` picks the depthwise convolution's implementation (`depthwise.depthwise`).
     `scan_blocks` runs each stage's same-shape blocks as one `lax.scan` body (`block_groups`):
     the same arithmetic in a program a fraction of the size, so it compiles faster.
@@ -360,6 +388,7 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     """
     collect_stats = collect_stats and train
     scan_blocks = resolve_scan_blocks(scan_blocks)
+    block_residuals = resolve_block_residuals(block_residuals)
     chex.assert_rank(images, 4)
     if images.shape[-1] != space.in_channels:
         raise ValueError(f"images have {images.shape[-1]} channels, the space expects {space.in_channels} "
@@ -382,7 +411,8 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
         dc_static = any(dc_rates[i] > 0 for i in idx)
         run, apply = _block_fn(b, dc_static, space=space, train=train, bn_eps=bn_eps, axis_name=axis_name,
                                dc_rate=dc_rate, rng=rng, depthwise_impl=depthwise_impl, bn_group_size=bn_group_size,
-                               collect_stats=collect_stats, remat=remat, skip_inactive=skip_inactive)
+                               collect_stats=collect_stats, remat=remat, skip_inactive=skip_inactive,
+                               block_residuals=block_residuals)
         if len(group) == 1 and (always or not prefix):
             x, ns = apply(x, params[f"block{b.index}"], stats[f"block{b.index}"],
                           {k: getattr(enc, k)[b.index] for k in fields}, np.float32(dc_rates[b.index]),
@@ -437,6 +467,7 @@ class Supernet(nn.Module):
     drop_connect_only_last_two_stages: bool = True
     skip_inactive: bool = True
     remat: bool = False
+    block_residuals: str = "auto"
     depthwise_impl: str = "auto"
     scan_blocks: bool | str = "auto"
     bn_group_size: int = 0
@@ -486,7 +517,7 @@ class Supernet(nn.Module):
                               bn_eps=self.bn_eps, axis_name=self.bn_axis_name, dropout_rate=dropout_rate,
                               drop_connect_rate=drop_connect_rate, rng=rng,
                               drop_connect_only_last_two_stages=self.drop_connect_only_last_two_stages,
-                              skip_inactive=self.skip_inactive, remat=self.remat,
+                              skip_inactive=self.skip_inactive, remat=self.remat, block_residuals=self.block_residuals,
                               depthwise_impl=self.depthwise_impl, scan_blocks=self.scan_blocks,
                               bn_group_size=self.bn_group_size, collect_stats=self.is_mutable_collection("batch_stats"))
         if new is not None:

@@ -110,7 +110,8 @@ def make_model(config: ml_collections.ConfigDict, space: SearchSpace, for_traini
                     bn_axis_name=mesh_lib.DATA if (for_training and m.sync_bn) else None,
                     drop_connect_only_last_two_stages=config.sandwich.drop_connect_only_last_two_stages,
                     skip_inactive=supernet_lib.resolve_skip_inactive(m.skip_inactive_blocks, scan),
-                    remat=m.remat, depthwise_impl=m.depthwise_impl, scan_blocks=scan,
+                    remat=m.remat, block_residuals=m.get("block_residuals", "auto"),
+                    depthwise_impl=m.depthwise_impl, scan_blocks=scan,
                     bn_group_size=int(m.get("bn_group_size", 0)) if for_training else 0)
 
 

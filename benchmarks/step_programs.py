@@ -29,6 +29,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_inactive_blocks", action="store_true")
+    p.add_argument("--block_residuals", default="auto", choices=("auto", "all", "convs"))
     p.add_argument("--depthwise_impl", default="auto")
     p.add_argument("--scan_blocks", default="auto")
     p.add_argument("--resolutions", default="", help="comma-separated student resolutions to time (default: all)")
@@ -88,7 +89,7 @@ def main() -> None:
 
     print(f"sandwich step programs, {space.name}, {args.dtype}, per-device batch {args.batch_per_device}, "
           f"input {args.image_size}, {mesh.devices.size} x {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-          f"skip_inactive={args.skip_inactive_blocks}, depthwise={args.depthwise_impl}, scan={args.scan_blocks}")
+          f"skip_inactive={args.skip_inactive_blocks}, block_residuals={args.block_residuals}, depthwise={args.depthwise_impl}, scan={args.scan_blocks}")
     print(f"random subnet: {random_subnet.to_json()}")
     w = max(len(r[0]) for r in rows)
     print(f"  {'program':<{w}}  first run s (compile + run)  median s of {args.repeats}")

@@ -44,6 +44,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num_arch_training", type=int, default=4)
     p.add_argument("--skip_inactive_blocks", action="store_true", help="compute no depth-inactive block (model.skip_inactive_blocks)")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
+    p.add_argument("--block_residuals", default="auto", choices=("auto", "all", "convs"),
+                   help="what a block keeps for its backward pass (model.block_residuals)")
     p.add_argument("--depthwise_impl", default="auto",
                    help="auto | xla | shift | taps (see depthwise.depthwise; auto: taps on CPU, xla elsewhere)")
     p.add_argument("--scan_blocks", default="auto",
@@ -117,6 +119,7 @@ def build(args: argparse.Namespace):
     config.model.sync_bn = getattr(args, "sync_bn", False)
     config.model.skip_inactive_blocks = "true" if args.skip_inactive_blocks else "false"
     config.model.remat = getattr(args, "remat", False)
+    config.model.block_residuals = getattr(args, "block_residuals", "auto")
     config.model.depthwise_impl = args.depthwise_impl
     config.model.scan_blocks = args.scan_blocks
     config.sandwich.num_arch_training = getattr(args, "num_arch_training", 4)
@@ -171,7 +174,8 @@ def main() -> None:
     result = {"label": args.label, "space": space.name, "dtype": dtype, "devices": n_dev,
               "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "jax": jax.__version__, "batch_per_device": args.batch_per_device, "image_size": args.image_size,
-              "remat": args.remat, "skip_inactive_blocks": args.skip_inactive_blocks,
+              "remat": args.remat, "block_residuals": args.block_residuals,
+              "skip_inactive_blocks": args.skip_inactive_blocks,
               "depthwise_impl": args.depthwise_impl, "scan_blocks": args.scan_blocks,
               "num_arch_training": args.num_arch_training}
 
@@ -230,8 +234,9 @@ def main() -> None:
             ("space", space.name), ("dtype", dtype),
             ("per-device batch", args.batch_per_device), ("input size", args.image_size),
             ("subnets per step", args.num_arch_training),
-            ("remat / skip inactive / depthwise / scan", f"{args.remat} / {args.skip_inactive_blocks} / "
-                                                         f"{args.depthwise_impl} / {args.scan_blocks}"),
+            ("remat / block residuals / skip inactive / depthwise / scan",
+             f"{args.remat} / {args.block_residuals} / {args.skip_inactive_blocks} / {args.depthwise_impl} / "
+             f"{args.scan_blocks}"),
             ("images/s (median)", f"{batch / med:.1f}"), ("ms/step (median)", f"{1000 * med:.1f}"),
             ("ms/step (min, max)", f"{1000 * min(times):.1f}, {1000 * max(times):.1f}"),
             ("host dispatch ms/step (median)", f"{1000 * statistics.median(dispatch):.1f} (returns before the "

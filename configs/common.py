@@ -78,6 +78,10 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # Recomputes block activations in the backward pass (jax.checkpoint per block): less device memory for
     # about one extra forward per subnet; for large per-device batches.
     c.model.remat = False
+    # What each block keeps for its backward pass (remat off): 'all' (every intermediate autodiff saves) or
+    # 'convs' (convolution outputs, SE gate, BN statistics; BN/activations/masks recomputed elementwise);
+    # auto: 'convs' on CPU (AlphaNet student ~20 % faster there, benchmarks/RESULTS.md), 'all' elsewhere.
+    c.model.block_residuals = "auto"
     # auto ('taps' on CPU, 'xla' elsewhere), 'xla' (grouped convolution), 'shift' or 'taps' (k*k shifted
     # slices, autodiff or hand-written backward; see depthwise.depthwise).
     c.model.depthwise_impl = "auto"

@@ -307,12 +307,16 @@ def _train_grads(model, variables, x, w):
     return f
 
 
-@pytest.mark.parametrize("skip_inactive", [False, True])
-def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactive):
-    """`remat` (recompute blocks in the backward pass) and `skip_inactive` change memory and speed,
-    never the result: train-mode logits, BN statistics and gradients, with dropout and drop-connect."""
-    base = supernet.Supernet(space=TINY, skip_inactive=False)
-    other = supernet.Supernet(space=TINY, skip_inactive=skip_inactive, remat=True)
+@pytest.mark.parametrize("skip_inactive,remat,residuals", [(False, True, "all"), (True, True, "all"),
+                                                             (False, False, "convs"), (True, False, "convs")])
+def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactive, remat, residuals):
+    """`remat` (recompute blocks in the backward pass), `block_residuals='convs'` (keep only the
+    convolutions' outputs, SE gates and BN statistics; recompute the rest) and `skip_inactive` change
+    memory and speed, never the result: train-mode logits, BN statistics and gradients, with dropout
+    and drop-connect, equal those of the network that keeps every intermediate. Tolerance: the same
+    float32 arithmetic, recomputed and fused differently, on the scale of each tensor."""
+    base = supernet.Supernet(space=TINY, skip_inactive=False, block_residuals="all")
+    other = supernet.Supernet(space=TINY, skip_inactive=skip_inactive, remat=remat, block_residuals=residuals)
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 24, 24, 3))
     w = jax.random.normal(jax.random.PRNGKey(1), (4, TINY.num_classes))
 
@@ -347,6 +351,10 @@ def test_block_groups_scan_each_stages_same_shape_blocks():
     assert supernet.resolve_skip_inactive("true", False) is True and supernet.resolve_skip_inactive(False, True) is False
     with pytest.raises(ValueError, match="skip_inactive_blocks"):
         supernet.resolve_skip_inactive("sometimes", True)
+    assert supernet.resolve_block_residuals("auto") == ("convs" if jax.default_backend() == "cpu" else "all")
+    assert supernet.resolve_block_residuals("All") == "all"
+    with pytest.raises(ValueError, match="block_residuals"):
+        supernet.resolve_block_residuals("some")
 
 
 @pytest.mark.parametrize("skip_inactive,remat", [(False, False)])
