@@ -17,6 +17,11 @@ import os
 import sys
 import threading
 
+if __name__ == "__main__":  # before anything else: glibc reads its tunables at process start
+    from alphanet_jax import hugepages
+
+    hugepages.reexec_with_hugepages()
+
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags

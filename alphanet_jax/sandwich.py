@@ -80,6 +80,7 @@ class SandwichStep:
         # The max subnet's gradient accumulator: zeros made by the previous update (None before
         # the first step: then made on the host, which compiles nothing).
         self._zero_grads = None
+        self._zero_teachers: dict[tuple[int, ...], Array] = {}  # batch shape -> zero logits (`_zero_teacher`)
 
     def _subnet(self, params, batch_stats, grads, images, labels, teacher, enc, rng, is_max):
         """One subnet's forward + backward on the local batch; its gradient is added to `grads`.
@@ -154,10 +155,13 @@ class SandwichStep:
         return zeros
 
     def _zero_teacher(self, labels: Array) -> Array:
-        """Zero logits in the teacher's place for the max subnet (it learns from labels; never read)."""
+        """Zero logits in the teacher's place for the max subnet (it learns from labels; never read).
+        Made once per batch shape: never donated, so one array serves every step."""
         shape = labels.shape + (self.model.space.num_classes,)
-        return jax.make_array_from_callback(shape, mesh_lib.batch_sharding(self.mesh),
-                                            lambda idx: np.zeros(shape, np.float32)[idx])
+        if shape not in self._zero_teachers:
+            self._zero_teachers[shape] = jax.make_array_from_callback(
+                shape, mesh_lib.batch_sharding(self.mesh), lambda idx: np.zeros(shape, np.float32)[idx])
+        return self._zero_teachers[shape]
 
     def max_subnet(self, params, batch_stats, images, labels, enc, rng) -> tuple[Any, Array, dict]:
         """The max subnet's step: (its gradient, its logits (the students' teacher), {loss, acc})."""

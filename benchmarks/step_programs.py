@@ -98,4 +98,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from alphanet_jax import hugepages  # first: huge pages for the CPU runtime's buffers (ALPHANET_HUGEPAGES=0: off)
+
+    hugepages.reexec_with_hugepages()
     main()

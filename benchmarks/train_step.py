@@ -280,4 +280,7 @@ def _write_json(path: str, result: dict) -> None:
 
 
 if __name__ == "__main__":
+    from alphanet_jax import hugepages  # first: huge pages for the CPU runtime's buffers (ALPHANET_HUGEPAGES=0: off)
+
+    hugepages.reexec_with_hugepages()
     main()

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "alphanet_jax"
 # The README's module list, bottom to top ("each imports only those above it in this list"). `data` is a
 # package: its submodules count as one module. launch.py is the top.
 LAYERS = [
-    "errors", "files", "console", "latency", "safe_pickle", "widths", "spaces", "space_dict", "search_space", "presets",
+    "errors", "hugepages", "files", "console", "latency", "safe_pickle", "widths", "spaces", "space_dict", "search_space", "presets",
     "resolve", "sampling", "flops", "evolution", "losses", "data", "fingerprint", "mesh", "checkpoint",
     "layers", "depthwise", "supernet", "evaluate", "export", "onnx_export", "latency_measure", "latency_fit",
     "convert", "metrics", "sandwich", "search_results", "train", "search", "config_check", "tasks", "launch",

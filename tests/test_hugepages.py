@@ -1,0 +1,57 @@
+"""The restart with glibc's huge-page tunable (`alphanet_jax.hugepages`): when, and that it keeps the command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alphanet_jax import hugepages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = ("glibc", "2.36")
+MADVISE = "always [madvise] never\n"
+
+
+@pytest.mark.parametrize("env,libc,thp,expected", [
+    ({}, GLIBC, MADVISE, True),
+    ({}, GLIBC, "[always] madvise never\n", True),
+    ({}, GLIBC, "always madvise [never]\n", False),  # the kernel gives no huge pages
+    ({}, ("glibc", "2.34"), MADVISE, False),  # no hugetlb tunable before glibc 2.35
+    ({}, ("musl", "1.2"), MADVISE, False),
+    ({}, ("", ""), MADVISE, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, MADVISE, False),  # the user's own choice stands
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, MADVISE, True),
+    ({"ALPHANET_HUGEPAGES": "0"}, GLIBC, MADVISE, False),
+    ({"ALPHANET_HUGEPAGES": "off"}, GLIBC, MADVISE, False),
+])
+def test_wanted_only_where_glibc_and_the_kernel_can_and_nobody_chose_otherwise(env, libc, thp, expected):
+    if not sys.platform.startswith("linux"):
+        expected = False
+    assert hugepages.wanted(env, libc, thp) is expected
+
+
+def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path):
+    """The script runs to its end once, after the restart, with its -u option, its arguments and the
+    user's other tunables; where the restart is not wanted, once, unchanged."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "from alphanet_jax import hugepages\n"
+        "print('start', flush=True)\n"
+        "hugepages.reexec_with_hugepages()\n"
+        "print('tunables', os.environ.get('GLIBC_TUNABLES'))\n"
+        "print('args', sys.argv[1:], 'orig', sys.orig_argv[1])\n")
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    env.pop(hugepages.OPT_OUT, None)
+    want = hugepages.wanted(env)
+    proc = subprocess.run([sys.executable, "-u", str(script), "a b", "--x=1"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out.count("start") == (2 if want else 1)
+    expected = "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1" if want else "glibc.malloc.arena_max=4"
+    assert out[-2:] == [f"tunables {expected}", "args ['a b', '--x=1'] orig -u"]
