@@ -58,6 +58,9 @@ if [ "$what" = train ] || [ "$what" = all ]; then
     --json="$OUT/train_fp32.json"
   run "$T_TRAIN" train_bf16_taps "$PY" benchmarks/train_step.py "${TRAIN[@]}" --dtype=bfloat16 \
     --depthwise_impl=taps --label=bf16_taps --json="$OUT/train_bf16_taps.json"
+  # block_residuals='convs' (the CPU default): whether keeping only conv outputs pays on the GPU too.
+  run "$T_TRAIN" train_bf16_convs "$PY" benchmarks/train_step.py "${TRAIN[@]}" --dtype=bfloat16 \
+    --block_residuals=convs --label=bf16_convs --json="$OUT/train_bf16_convs.json"
 fi
 
 if [ "$what" = eval ] || [ "$what" = all ]; then

@@ -44,10 +44,11 @@ def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
                 "compiled programs", "MFU", "2 x cpu", "XLA analysis per program"):
         assert key in out.stdout, key
     assert "(+0 after warm-up)" in out.stdout  # nothing recompiles once every resolution was seen
-    for label in ("bf16", "bf16_skip", "bf16_remat", "fp32", "bf16_taps"):
+    for label in ("bf16", "bf16_skip", "bf16_remat", "fp32", "bf16_taps", "bf16_convs"):
         r = json.loads((tmp_path / f"train_{label}.json").read_text())
         assert r["label"] == label and r["images_per_s"] > 0 and r["recompiled"] == 0 and r["late_compiles"] == 0
         assert r["devices"] == 2 and r["remat"] is (label == "bf16_remat")
+        assert r["block_residuals"] == ("convs" if label == "bf16_convs" else "auto")
     programs = json.loads((tmp_path / "train_bf16.json").read_text())["xla"]  # --xla_stats
     assert [row["program"] for row in programs] == ["subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"]
     assert programs[0]["gflop"] > 0 and programs[0]["temp_bytes"] > 0 and programs[0]["argument_bytes"] > 0
