@@ -16,10 +16,10 @@ from alphanet_jax import data as data_lib
 from alphanet_jax import latency_measure
 from alphanet_jax import depthwise as depthwise_lib
 from alphanet_jax import sandwich
-from alphanet_jax import search as search_lib
 from alphanet_jax import supernet
 from alphanet_jax import train
 from alphanet_jax.errors import ConfigError, WorkdirError
+from alphanet_jax.search_config import SearchConfig
 from alphanet_jax.search_space import get_space
 
 _MISSING = object()
@@ -114,7 +114,7 @@ def validate_config(config: Any, tasks: Iterable[str] = ("train",)) -> None:
                               f"{config.num_epochs}): set --config.total_steps or --config.num_epochs")
     if "search" in tasks and _get(config, "search") is not _MISSING:
         section = {k: v for k, v in config.search.items() if k != "calib_batches"}
-        _checked("search", lambda: search_lib.SearchConfig.from_any(section))
+        _checked("search", lambda: SearchConfig.from_any(section))
 
 
 def check_workdir(workdir: str) -> None:

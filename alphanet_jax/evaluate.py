@@ -50,7 +50,7 @@ from alphanet_jax import mesh as mesh_lib
 from alphanet_jax.errors import ConfigError
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.search_space import SubnetConfig, get_space
-from alphanet_jax.supernet import EncodedSubnet, encode
+from alphanet_jax.subnet_encoding import EncodedSubnet, encode
 
 __all__ = ["Evaluator", "get_evaluator", "calibrate_bn", "evaluate", "calibrate_and_evaluate",
            "make_evaluate_fn", "default_mesh", "local_mesh"]

@@ -35,8 +35,9 @@ from alphanet_jax.files import atomic_write, save_figure
 from alphanet_jax.presets import PRESET_TITLES
 from alphanet_jax.search_space import SearchSpace, SubnetConfig, get_space
 
-__all__ = ["ResultStore", "write_outputs", "plot_pareto", "SearchResultsError", "context_id", "context_difference",
-           "read_front", "check_front_context", "plain_context", "write_search_config", "other_context_message"]
+__all__ = ["canonical_key", "ResultStore", "write_outputs", "plot_pareto", "SearchResultsError", "context_id",
+           "context_difference", "read_front", "check_front_context", "plain_context", "write_search_config",
+           "other_context_message"]
 
 RESULTS_FILE = "evaluated.jsonl"
 FRONT_KEYS = ("subnet", "mflops", "top1")  # what a pareto.json row needs (for the export's pick)
@@ -149,6 +150,11 @@ def check_front_context(path: str, stored: Mapping[str, Any] | None, current: Ma
 # ----------------------------------------------------------------------------
 # The results file
 # ----------------------------------------------------------------------------
+
+
+def canonical_key(subnet: SubnetConfig) -> str:
+    """The subnet's canonical JSON (sorted keys, compact): the results-file key."""
+    return json.dumps(subnet.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
 class ResultStore:

@@ -1,7 +1,7 @@
 """The masked supernet (Flax Linen), for every search-space family (AlphaNet, slimmable MobileNetV2).
 
-Every weight is held at its maximum shape (spec §1.2). A subnet enters as
-arrays (`EncodedSubnet`): elastic width, expand ratio, kernel size and SE width
+Every weight is held at its maximum shape (spec §1.2; initialised by `supernet_init`). A subnet enters
+as arrays (`subnet_encoding.EncodedSubnet`): elastic width, expand ratio, kernel size and SE width
 become channel/kernel masks, depth skips blocks with `lax.cond`. Only the input
 resolution is static, so one compiled program per resolution serves every
 subnet. Inactive channels are exactly zero after every BN and activation, which
@@ -30,7 +30,6 @@ from typing import Any
 
 import chex
 import flax.linen as nn
-import flax.struct
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
@@ -38,113 +37,11 @@ import numpy as np
 
 from alphanet_jax import depthwise as depthwise_lib
 from alphanet_jax import layers
-from alphanet_jax.resolve import resolve
+from alphanet_jax import supernet_init
 from alphanet_jax.search_space import BlockSpec, SearchSpace, SubnetConfig, get_space
+from alphanet_jax.subnet_encoding import EncodedSubnet, encode
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class EncodedSubnet:
-    """A subnet as arrays (traced under jit); only `resolution` is static."""
-
-    stem: Array          # int32 []
-    active: Array        # int32 [num_blocks] 1 if the block runs
-    in_ch: Array         # int32 [num_blocks]
-    mid: Array           # int32 [num_blocks]
-    out_ch: Array        # int32 [num_blocks]
-    kernel: Array        # int32 [num_blocks]
-    se: Array            # int32 [num_blocks]
-    head_expand: Array   # int32 []
-    head_width: Array    # int32 []
-    head_in: Array       # int32 [] the last stage's active width
-    resolution: int = flax.struct.field(pytree_node=False)
-
-
-def encode(subnet: SubnetConfig | EncodedSubnet, space: SearchSpace | None = None) -> EncodedSubnet:
-    """Validates a subnet and turns it into the arrays the supernet consumes."""
-    if isinstance(subnet, EncodedSubnet):
-        return subnet
-    space = get_space(space)
-    rs = resolve(subnet, space)
-    nb = space.num_blocks
-    cols = {k: np.zeros(nb, np.int32) for k in ("active", "in_ch", "mid", "out_ch", "kernel", "se")}
-    # Inactive blocks keep harmless values (their branch never runs).
-    for b in space.blocks:
-        cols["kernel"][b.index] = b.max_kernel
-    for b in rs.blocks:
-        for k, v in (("active", 1), ("in_ch", b.in_ch), ("mid", b.mid), ("out_ch", b.out_ch),
-                     ("kernel", b.kernel), ("se", b.se_mid)):
-            cols[k][b.index] = v
-    return EncodedSubnet(stem=np.int32(rs.stem_width), head_expand=np.int32(rs.head_expand),
-                         head_width=np.int32(rs.head_width), head_in=np.int32(rs.head_in),
-                         resolution=subnet.resolution, **cols)
-
-
-# ----------------------------------------------------------------------------
-# Initialisation (spec §2.9): PyTorch defaults on the max tensors, zero gamma on
-# every block's last BN (only in spaces whose blocks are all residual, see init_block).
-# ----------------------------------------------------------------------------
-
-
-def _bn_params(c: int, zero_scale: bool = False) -> dict:
-    return {"scale": jnp.zeros((c,)) if zero_scale else jnp.ones((c,)), "bias": jnp.zeros((c,))}
-
-
-def _bn_stats(c: int) -> dict:
-    return {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
-
-
-def _uniform_tensors(key: Array, specs: dict[str, tuple[tuple[int, ...], int]]) -> dict[str, Array]:
-    """uniform(+-1/sqrt(fan_in)) tensors from ONE random draw (hundreds of draws compile slowly)."""
-    sizes = [int(np.prod(shape)) for shape, _ in specs.values()]
-    flat = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
-    out, start = {}, 0
-    for (name, (shape, fan_in)), size in zip(specs.items(), sizes):
-        out[name] = flat[start:start + size].reshape(shape) / np.float32(np.sqrt(fan_in))
-        start += size
-    return out
-
-
-def init_block(key: Array, b: BlockSpec) -> dict:
-    k = b.max_kernel
-    specs: dict[str, tuple[tuple[int, ...], int]] = {}
-    if b.has_expand:
-        specs["expand"] = ((b.max_in, b.max_mid), b.max_in)
-    specs["dw"] = ((k, k, 1, b.max_mid), k * k)
-    if b.se:
-        specs["se_reduce.kernel"] = ((b.max_mid, b.max_se), b.max_mid)
-        specs["se_reduce.bias"] = ((b.max_se,), b.max_mid)
-        specs["se_expand.kernel"] = ((b.max_se, b.max_mid), b.max_se)
-        specs["se_expand.bias"] = ((b.max_mid,), b.max_se)
-    specs["project"] = ((b.max_mid, b.max_out), b.max_mid)
-    if b.shortcut_mode == "always":
-        specs["shortcut"] = ((b.max_in, b.max_out), b.max_in)
-    t = _uniform_tensors(key, specs)
-    p: dict[str, Any] = {}
-    if b.has_expand:
-        p["expand"] = {"kernel": t["expand"]}
-        p["expand_bn"] = _bn_params(b.max_mid)
-    p["dw"] = {"kernel": t["dw"]}
-    p["dw_bn"] = _bn_params(b.max_mid)
-    if b.se:
-        p["se_reduce"] = {"kernel": t["se_reduce.kernel"], "bias": t["se_reduce.bias"]}
-        p["se_expand"] = {"kernel": t["se_expand.kernel"], "bias": t["se_expand.bias"]}
-    p["project"] = {"kernel": t["project"]}
-    # Zero gamma on the block's last BN (the AttentiveNAS reference, where every block is residual). With
-    # 'identity_when_same' shortcuts (MobileNetV2) many blocks have no residual and would output zeros, so
-    # there gamma starts at one, as in torchvision's MobileNetV2 and US-Nets.
-    p["project_bn"] = _bn_params(b.max_out, zero_scale=b.shortcut_mode == "always")
-    if b.shortcut_mode == "always":
-        p["shortcut"] = {"kernel": t["shortcut"]}
-    return p
-
-
-def block_stats(b: BlockSpec) -> dict:
-    s = {"dw_bn": _bn_stats(b.max_mid), "project_bn": _bn_stats(b.max_out)}
-    if b.has_expand:
-        s["expand_bn"] = _bn_stats(b.max_mid)
-    return s
 
 
 # ----------------------------------------------------------------------------
@@ -480,36 +377,17 @@ class Supernet(nn.Module):
                  dropout_rate: Any = 0.0, drop_connect_rate: Any = 0.0) -> Array:
         space = self.space
         params: dict[str, Any] = {}
-        stats: dict[str, Any] = {}
         c0 = max(space.stem_widths)
-        k0 = space.stem_kernel
-        params["stem"] = self.param("stem", lambda key: {
-            "kernel": _uniform_tensors(key, {"k": ((k0, k0, space.in_channels, c0), k0 * k0 * space.in_channels)})["k"]})
-        params["stem_bn"] = self.param("stem_bn", lambda key: _bn_params(c0))
-        stat_vars = {"stem_bn": self.variable("batch_stats", "stem_bn", lambda: _bn_stats(c0))}
+        params["stem"] = self.param("stem", lambda key: supernet_init.init_stem(key, space))
+        params["stem_bn"] = self.param("stem_bn", lambda key: supernet_init.bn_params(c0))
+        stat_vars = {"stem_bn": self.variable("batch_stats", "stem_bn", lambda: supernet_init.bn_stats(c0))}
         for b in space.blocks:
             name = f"block{b.index}"
-            params[name] = self.param(name, lambda key, b=b: init_block(key, b))
-            stat_vars[name] = self.variable("batch_stats", name, lambda b=b: block_stats(b))
-        last = space.blocks[-1].max_out
-        he, hw = space.head_max_expand, max(space.head_widths)
-
-        def init_head(key):
-            if space.head_kind == "v2":
-                t = _uniform_tensors(key, {"expand": ((last, he), last)})
-                return {"expand": {"kernel": t["expand"]}, "expand_bn": _bn_params(he)}
-            t = _uniform_tensors(key, {"expand": ((last, he), last), "mix": ((he, hw), he)})
-            return {"expand": {"kernel": t["expand"]}, "expand_bn": _bn_params(he),
-                    "feature_mix": {"kernel": t["mix"]}}
-
-        params["head"] = self.param("head", init_head)
-        stat_vars["head"] = self.variable("batch_stats", "head", lambda: {"expand_bn": _bn_stats(he)})
-
-        def init_cls(key):
-            t = _uniform_tensors(key, {"kernel": ((hw, space.num_classes), hw), "bias": ((space.num_classes,), hw)})
-            return {"kernel": t["kernel"], "bias": t["bias"]}
-
-        params["classifier"] = self.param("classifier", init_cls)
+            params[name] = self.param(name, lambda key, b=b: supernet_init.init_block(key, b))
+            stat_vars[name] = self.variable("batch_stats", name, lambda b=b: supernet_init.block_stats(b))
+        params["head"] = self.param("head", lambda key: supernet_init.init_head(key, space))
+        stat_vars["head"] = self.variable("batch_stats", "head", lambda: supernet_init.head_stats(space))
+        params["classifier"] = self.param("classifier", lambda key: supernet_init.init_classifier(key, space))
         stats = {k: v.value for k, v in stat_vars.items()}
 
         enc = encode(subnet, space)

@@ -36,9 +36,11 @@ from alphanet_jax import onnx_export
 from alphanet_jax import search as search_lib
 from alphanet_jax import search_results
 from alphanet_jax import train as train_lib
+from alphanet_jax.evolution import check_latency_budget
 from alphanet_jax.files import atomic_write
 from alphanet_jax.flops import count_flops, count_params
 from alphanet_jax.presets import PRESET_TITLES, as_subnet
+from alphanet_jax.search_config import SearchConfig
 from alphanet_jax.search_space import SubnetConfig, get_space
 
 def parse_tasks(run: str) -> list[str]:
@@ -142,7 +144,7 @@ def search_task(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if s.get("objective", "flops") == "latency":  # the table and the budget are checked before any evaluation
         table, table_path = load_latency_table(config, workdir)
         latency_fn = latency_fit.make_predictor(table, space)
-        search_lib.check_latency_budget(space, search_lib.SearchConfig.from_any(cfg), latency_fn)
+        check_latency_budget(space, SearchConfig.from_any(cfg), latency_fn)
         log(f"search objective: latency predicted by {table_path} ({table['device_kind']}, {table['runtime']}, "
              f"batch {table['batch_size']}), buckets of {s.latency_step} ms"
              + (f", budget {s.max_latency_ms} ms" if s.max_latency_ms else ""))

@@ -7,7 +7,7 @@ defaults to the host's cores (at most 16).
 
 import ml_collections
 
-from alphanet_jax import data, search, search_space
+from alphanet_jax import data, search_config, search_space
 
 
 def parse_arg(arg, **defaults):
@@ -129,7 +129,7 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.eval.subnets = "a0,a1,a2,a3,a4,a5,a5_1,a6"  # what `evaluate` measures: presets or JSON files
     c.eval.checkpoint = ""  # the weights: this workdir (empty), another workdir, or a PyTorch .pth(.tar) file
 
-    c.search = search.default_config()
+    c.search = search_config.default_config()
     c.search.calib_batches = 32  # BN calibration batches per candidate
 
     c.export = ml_collections.ConfigDict()

@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 from alphanet_jax import data as data_lib  # noqa: E402
 from alphanet_jax import mesh as mesh_lib  # noqa: E402
 from alphanet_jax import train  # noqa: E402
-from alphanet_jax.sampling import sandwich_subnets  # noqa: E402
 from alphanet_jax.search_space import get_space  # noqa: E402
 from configs import quickstart  # noqa: E402
 

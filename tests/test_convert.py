@@ -18,6 +18,7 @@ from alphanet_jax.convert import CheckpointError, CheckpointMismatchError, Unsaf
 from alphanet_jax.resolve import resolve
 from alphanet_jax.sampling import sample_subnet
 from alphanet_jax.search_space import get_space
+from alphanet_jax.subnet_encoding import encode
 
 TINY = get_space("tiny")
 ALPHANET = get_space("alphanet")
@@ -131,7 +132,7 @@ def alphanet_vars():
 def tiny_apply():
     model = supernet.Supernet(space=TINY)
     fn = jax.jit(lambda v, x, enc: model.apply(v, x, enc))
-    return lambda v, x, cfg: np.asarray(fn(v, x, supernet.encode(cfg, TINY)))
+    return lambda v, x, cfg: np.asarray(fn(v, x, encode(cfg, TINY)))
 
 
 # ----------------------------------------------------------------------------

@@ -258,33 +258,20 @@ def test_auto_augment_v0_matches_reference_transcription(photo):
 # --------------------------------------------------------------------------------------------
 # RandomResizedCrop
 # --------------------------------------------------------------------------------------------
-def _torchvision_rrc_params(width, height, scale, ratio, uniform, randint):
-    """torchvision.transforms.RandomResizedCrop.get_params, transcribed; ``uniform(a, b)`` and
-    ``randint(lo, hi_exclusive)`` supply the draws."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * uniform(scale[0], scale[1])
-        aspect_ratio = math.exp(uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            i = randint(0, height - h + 1)
-            j = randint(0, width - w + 1)
-            return i, j, h, w
-    in_ratio = float(width) / float(height)
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w = width
-        h = height
-    i = (height - h) // 2
-    j = (width - w) // 2
-    return i, j, h, w
+class _RecordingRng:
+    """A numpy Generator's ``uniform`` and ``integers`` that record every draw: (method, low, high, value)."""
+
+    def __init__(self, seed: int):
+        self._rng = np.random.default_rng(seed)
+        self.draws: list[tuple] = []
+
+    def uniform(self, low, high):
+        self.draws.append(("uniform", low, high, float(self._rng.uniform(low, high))))
+        return self.draws[-1][-1]
+
+    def integers(self, low, high):
+        self.draws.append(("integers", low, high, int(self._rng.integers(low, high))))
+        return self.draws[-1][-1]
 
 
 @pytest.mark.parametrize(
@@ -293,16 +280,37 @@ def _torchvision_rrc_params(width, height, scale, ratio, uniform, randint):
      ((300, 200), (0.9, 1.0)), ((40, 40), (1.0, 1.0))],
 )
 def test_random_resized_crop_params_match_torchvision(size, scale):
+    """torchvision's RandomResizedCrop.get_params, checked draw by draw: up to 10 tries, each an area
+    fraction ~ U(scale) then a log aspect ratio ~ U(log ratio); the first crop that fits is placed at
+    top ~ U{0..H-h}, left ~ U{0..W-w}; after 10 misses, no more draws and the centred crop of the whole
+    image narrowed to the nearest allowed aspect ratio."""
+    width, height = size
     ratio = (3 / 4, 4 / 3)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for seed in range(200):
-        got = T.random_resized_crop_params(size[0], size[1], np.random.default_rng(seed), scale, ratio)
-        r = np.random.default_rng(seed)
-        exp = _torchvision_rrc_params(
-            size[0], size[1], scale, ratio, lambda a, b: float(r.uniform(a, b)), lambda a, b: int(r.integers(a, b))
-        )
-        assert got == exp
+        rng = _RecordingRng(seed)
+        got = T.random_resized_crop_params(width, height, rng, scale, ratio)
         i, j, h, w = got
-        assert 0 <= i and 0 <= j and i + h <= size[1] and j + w <= size[0] and h > 0 and w > 0
+        draws, tries = list(rng.draws), []  # tries: the (w, h) each try asked for
+        while draws and draws[0][0] == "uniform":
+            (_, *area_bounds, frac), (_, *aspect_bounds, log_aspect) = draws[:2]
+            assert tuple(area_bounds) == tuple(scale) and tuple(aspect_bounds) == log_ratio
+            target, aspect = width * height * frac, math.exp(log_aspect)
+            tries.append((round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))))
+            draws = draws[2:]
+        fits = [0 < tw <= width and 0 < th <= height for tw, th in tries]
+        assert 1 <= len(tries) <= 10 and not any(fits[:-1])
+        if fits[-1]:
+            assert (w, h) == tries[-1]
+            assert draws == [("integers", 0, height - h + 1, i), ("integers", 0, width - w + 1, j)]
+        else:
+            assert len(tries) == 10 and not draws
+            r = min(max(width / height, min(ratio)), max(ratio))  # the nearest allowed aspect ratio
+            wide = width / height > max(ratio)  # full height, else full width
+            assert (h, w) == ((height, round(height * r)) if wide else (round(width / r), width))
+            assert (i, j) == ((height - h) // 2, (width - w) // 2)
+        assert 0 <= i and 0 <= j and i + h <= height and j + w <= width and h > 0 and w > 0
+        assert got == T.random_resized_crop_params(width, height, np.random.default_rng(seed), scale, ratio)
     if size == (500, 20):
         # a 25:1 image never fits a crop with ratio <= 4/3 of area >= 8 % -> always the fallback
         got = T.random_resized_crop_params(500, 20, np.random.default_rng(0), scale, ratio)

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:  # `configs` is a directory of the repo, not an in
 
 from alphanet_jax import config_check, errors, export, layers, sampling, supernet, train  # noqa: E402
 from alphanet_jax import search_space as ss  # noqa: E402
+from alphanet_jax.subnet_encoding import encode  # noqa: E402
 from configs import alphanet as alphanet_config  # noqa: E402
 from configs import quickstart  # noqa: E402
 from test_layers_independent import BN_EPS, EPS32, _np_batch_norm  # noqa: E402
@@ -123,7 +124,7 @@ def test_supernet_groups_equal_separate_batches_logits_and_gradients(tiny_vars):
     rng = random.Random(5)
     subnets = [TINY.max_subnet(), TINY.min_subnet(), sampling.sample_subnet(TINY, rng)]
     for s in subnets:
-        enc = supernet.encode(s, TINY)
+        enc = encode(s, TINY)
         (l_g, z_g), d_g = one(tiny_vars["params"], x, labels, enc)
         (l_s, z_s), d_s = sep(tiny_vars["params"], x.reshape(k, g, 16, 16, 3), labels.reshape(k, g), enc)
         np.testing.assert_allclose(np.asarray(z_g), np.asarray(z_s).reshape(k * g, -1), rtol=1e-5, atol=1e-5)
@@ -153,7 +154,7 @@ def test_masked_equals_static_with_groups_and_one_program_per_resolution(tiny_va
     subnets = [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(2)]
     x = jax.random.normal(jax.random.PRNGKey(3), (6, 32, 32, 3))
     for s in subnets:
-        z, new = f(tiny_vars, x, supernet.encode(s, TINY))
+        z, new = f(tiny_vars, x, encode(s, TINY))
         m, sv = export.extract_subnet(tiny_vars, s, TINY)
         m = m.clone(bn_group_size=g)
         zs, news = jax.jit(lambda v, x, m=m: m.apply(v, x, train=True, mutable=["batch_stats"]))(sv, x)
@@ -165,7 +166,7 @@ def test_masked_equals_static_with_groups_and_one_program_per_resolution(tiny_va
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     assert sorted(traces) == sorted({s.resolution for s in subnets})  # one program per resolution
     with pytest.raises(ValueError, match="batch of 5 .*group size 2"):
-        f(tiny_vars, x[:5], supernet.encode(subnets[0], TINY))
+        f(tiny_vars, x[:5], encode(subnets[0], TINY))
 
 
 # ----------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from alphanet_jax import errors, latency, latency_fit as lf, latency_measure as lm, sampling, search as S
+from alphanet_jax import evolution, pareto, search_results
 from alphanet_jax import search_space as ss
 from alphanet_jax.flops import count_flops
+from alphanet_jax.search_config import SearchConfig
 
 TINY = ss.get_space("tiny")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +191,7 @@ def test_latency_table_bad_inputs_name_the_problem(quick, tmp_path):
 
 
 def _fake_eval(s):
-    return {"top1": 50 + count_flops(s, TINY) + 0.01 * (hash(S.canonical_key(s)) % 7), "top5": 90.0,
+    return {"top1": 50 + count_flops(s, TINY) + 0.01 * (hash(search_results.canonical_key(s)) % 7), "top5": 90.0,
             "loss": 1.0, "count": 10}
 
 
@@ -204,7 +206,8 @@ def test_search_objective_latency_buckets_and_budget(tmp_path):
     assert front and all(r["latency_ms"] <= budget for r in front)
     assert all(r["latency_ms"] == pytest.approx(predict(ss.SubnetConfig.from_dict(r["subnet"], TINY)))
                for r in front)
-    assert [r["bucket"] for r in front] == sorted({S.bucket_of(r["latency_ms"], cfg["latency_step"]) for r in front})
+    step = cfg["latency_step"]
+    assert [r["bucket"] for r in front] == sorted({pareto.bucket_of(r["latency_ms"], step) for r in front})
     assert os.path.exists(tmp_path / "s" / "pareto.png")
     with pytest.raises(ValueError, match="needs latency_fn"):
         S.run_search(_fake_eval, TINY, cfg, str(tmp_path / "t"), log=lambda m: None)
@@ -212,7 +215,7 @@ def test_search_objective_latency_buckets_and_budget(tmp_path):
         S.run_search(_fake_eval, TINY, dict(cfg, max_latency_ms=0.001), str(tmp_path / "u"), log=lambda m: None,
                      latency_fn=predict)
     with pytest.raises(ValueError, match="objective must be one of"):
-        S.SearchConfig.from_any(dict(objective="speed"))
+        SearchConfig.from_any(dict(objective="speed"))
     flops_front = S.run_search(_fake_eval, TINY, dict(cfg, objective="flops"), str(tmp_path / "f"),
                                log=lambda m: None)
     assert "latency_ms" not in flops_front[0]  # the default objective is unchanged
@@ -300,7 +303,7 @@ def test_latency_search_refuses_a_missing_table_or_an_unmeetable_budget_before_l
 
 def test_a_budget_only_the_min_subnet_meets_is_a_config_error():
     predict = lambda s: 1.0 if s == TINY.min_subnet() else 2.0  # noqa: E731
-    cfg = S.SearchConfig.from_any(dict(parent_popu_size=3, flops_min=0.0, flops_max=100.0, objective="latency",
+    cfg = SearchConfig.from_any(dict(parent_popu_size=3, flops_min=0.0, flops_max=100.0, objective="latency",
                                        max_latency_ms=1.5, max_resample=20))
     with pytest.raises(errors.ConfigError, match=r"search.max_latency_ms = 1.5 ms: no subnet drawn"):
-        S.initial_population(TINY, cfg, predict)
+        evolution.initial_population(TINY, cfg, predict)

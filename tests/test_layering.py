@@ -14,10 +14,11 @@ PACKAGE = ROOT / "alphanet_jax"
 # The README's module list, bottom to top ("each imports only those above it in this list"). `data` is a
 # package: its submodules count as one module. launch.py is the top.
 LAYERS = [
-    "errors", "hugepages", "files", "console", "latency", "safe_pickle", "widths", "spaces", "space_dict", "search_space", "presets",
-    "resolve", "sampling", "flops", "evolution", "losses", "data", "fingerprint", "mesh", "checkpoint",
-    "layers", "depthwise", "supernet", "evaluate", "export", "onnx_export", "latency_measure", "latency_fit",
-    "convert", "metrics", "sandwich", "search_results", "train", "search", "config_check", "tasks", "launch",
+    "errors", "hugepages", "files", "console", "latency", "safe_pickle", "widths", "spaces", "space_dict",
+    "search_space", "presets", "resolve", "subnet_encoding", "sampling", "flops", "search_config", "evolution",
+    "pareto", "losses", "data", "fingerprint", "mesh", "process_comm", "checkpoint", "layers", "depthwise",
+    "supernet_init", "supernet", "evaluate", "export", "onnx_export", "latency_measure", "latency_fit", "convert",
+    "metrics", "sandwich", "search_results", "train", "search", "config_check", "tasks", "launch",
 ]
 
 

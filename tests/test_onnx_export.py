@@ -10,6 +10,7 @@ import pytest
 
 from alphanet_jax import errors, export, onnx_export, presets, sampling, search_space as ss, supernet
 from alphanet_jax.resolve import resolve
+from alphanet_jax.subnet_encoding import encode
 
 ort = pytest.importorskip("onnxruntime")
 TINY = ss.get_space("tiny")
@@ -21,7 +22,7 @@ def _random_bn(variables, space, seed):
     variances different from the batch's, random affine, so the folding is exercised."""
     model = supernet.Supernet(space=space)
     x = jax.random.normal(jax.random.PRNGKey(seed), (4, 16, 16, space.in_channels))
-    _, st = jax.jit(lambda v, x: model.apply(v, x, supernet.encode(space.max_subnet(), space), train=True,
+    _, st = jax.jit(lambda v, x: model.apply(v, x, encode(space.max_subnet(), space), train=True,
                                              mutable=["batch_stats"]))(variables, x)
     rng = np.random.default_rng(seed)
 

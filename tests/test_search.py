@@ -1,4 +1,5 @@
-"""Evolutionary search (alphanet_jax.search) with a fake evaluator on the tiny space."""
+"""Evolutionary search (alphanet_jax.search, with its settings, populations, Pareto buckets and process
+exchange: search_config, evolution, pareto, process_comm) with a fake evaluator on the tiny space."""
 
 import csv
 import hashlib
@@ -10,9 +11,13 @@ import threading
 import numpy as np
 import pytest
 
+from alphanet_jax import evolution as E
+from alphanet_jax import pareto as P
+from alphanet_jax import process_comm as C
 from alphanet_jax import search as S
 from alphanet_jax import search_results as R
 from alphanet_jax.flops import count_flops, count_params
+from alphanet_jax.search_config import SearchConfig, default_config
 from alphanet_jax.search_space import SubnetConfig, get_space
 
 SPACE = get_space("tiny")
@@ -27,7 +32,7 @@ CTX = {"weights": {"source": "/runs/a", "step": 40, "fingerprint": "a" * 64},
 
 def score(s: SubnetConfig) -> float:
     """A deterministic accuracy: grows with FLOPs, plus a hash-based spread."""
-    h = int(hashlib.sha256(S.canonical_key(s).encode()).hexdigest()[:8], 16) / 2 ** 32
+    h = int(hashlib.sha256(R.canonical_key(s).encode()).hexdigest()[:8], 16) / 2 ** 32
     return round(50 + 20 * count_flops(s, SPACE) / HI + 8 * h, 6)
 
 
@@ -42,7 +47,7 @@ class Fake:
         with self.lock:
             if self.fail_after is not None and len(self.calls) >= self.fail_after:
                 raise KeyboardInterrupt("simulated crash")
-            self.calls.append(S.canonical_key(s))
+            self.calls.append(R.canonical_key(s))
         return {"top1": score(s) - self.shift, "top5": min(100.0, score(s) + 20), "loss": 1.0 / score(s), "count": 37}
 
 
@@ -91,23 +96,23 @@ def test_flops_window_and_population_sizes(reference):
     for key in calls:
         f = count_flops(SubnetConfig.from_json(key, SPACE), SPACE)
         assert CFG["flops_min"] <= f <= CFG["flops_max"]
-    assert calls[0] == S.canonical_key(SPACE.min_subnet())  # the population starts with the min subnet
+    assert calls[0] == R.canonical_key(SPACE.min_subnet())  # the population starts with the min subnet
     gens = [r["generation"] for r in reference["rows"]]
     assert gens == sorted(gens) and gens[0] == 0 and gens[-1] == CFG["evo_iter"] - 1
 
 
 def test_population_generation_is_in_window_and_deterministic():
-    cfg = S.SearchConfig.from_any(CFG)
-    parents = [SPACE.min_subnet(), SubnetConfig.from_json(S.canonical_key(SPACE.min_subnet()))]
-    pop = S.next_population(parents, SPACE, cfg, 5)
+    cfg = SearchConfig.from_any(CFG)
+    parents = [SPACE.min_subnet(), SubnetConfig.from_json(R.canonical_key(SPACE.min_subnet()))]
+    pop = E.next_population(parents, SPACE, cfg, 5)
     assert len(pop) == cfg.mutate_size + cfg.crossover_size
     assert all(cfg.flops_min <= count_flops(s, SPACE) <= cfg.flops_max for s in pop)
-    assert pop == S.next_population(parents, SPACE, cfg, 5)
-    assert pop != S.next_population(parents, SPACE, cfg, 6)
-    init = S.initial_population(SPACE, cfg)
+    assert pop == E.next_population(parents, SPACE, cfg, 5)
+    assert pop != E.next_population(parents, SPACE, cfg, 6)
+    init = E.initial_population(SPACE, cfg)
     assert init[0] == SPACE.min_subnet() and len(init) == cfg.parent_popu_size
     with pytest.raises(RuntimeError, match="empty"):
-        S.next_population([], SPACE, cfg, 1)
+        E.next_population([], SPACE, cfg, 1)
 
 
 def test_pareto_buckets_rule():
@@ -119,18 +124,18 @@ def test_pareto_buckets_rule():
             row(215.0, 61.0),   # round(21.5) = 22 -> bucket 220
             row(224.0, 60.0),   # bucket 220, worse
             row(230.0, float("nan"))]  # never wins
-    b = S.pareto_buckets(rows, 10)
+    b = P.pareto_buckets(rows, 10)
     assert sorted(b) == [200, 220]
     assert b[200] == row(195.1, 71.0) and b[220] == row(215.0, 61.0)
-    assert S.bucket_of(205.0, 10) == 200 and S.bucket_of(215.0, 10) == 220 and S.bucket_of(214.9, 10) == 210
-    assert S.non_dominated([row(1, 50), row(2, 49), row(3, 60), row(3, 59)]) == [True, False, True, False]
+    assert P.bucket_of(205.0, 10) == 200 and P.bucket_of(215.0, 10) == 220 and P.bucket_of(214.9, 10) == 210
+    assert P.non_dominated([row(1, 50), row(2, 49), row(3, 60), row(3, 59)]) == [True, False, True, False]
 
 
 def test_front_equals_buckets_over_all_evaluated(reference):
     """Results are fixed per subnet, so the final buckets are the per-bucket best over the whole
     results file (in first-evaluation order)."""
     rows = reference["rows"]
-    expect = S.pareto_buckets(rows, CFG["flops_step"])
+    expect = P.pareto_buckets(rows, CFG["flops_step"])
     front = reference["front"]
     assert [r["bucket"] for r in front] == sorted(expect)
     for r in front:
@@ -199,12 +204,12 @@ def test_outputs_written_and_consistent(reference):
 
 
 def test_config_validation():
-    cfg = S.SearchConfig.from_any(S.default_config())
+    cfg = SearchConfig.from_any(default_config())
     assert cfg.parent_popu_size == 512 and cfg.flops_step == 10
     with pytest.raises(ValueError, match="unknown"):
-        S.SearchConfig.from_any(dict(CFG, popu=3))
+        SearchConfig.from_any(dict(CFG, popu=3))
     with pytest.raises(ValueError, match="empty FLOPs window"):
-        S.SearchConfig.from_any(dict(CFG, flops_min=2.0, flops_max=1.0))
+        SearchConfig.from_any(dict(CFG, flops_min=2.0, flops_max=1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,14 +271,14 @@ def test_candidates_spread_over_processes(tmp_path, reference, nproc):
 
 def test_float64_exchange_is_bit_exact():
     x = np.array([[76.12345678901234, np.nan, 1e-300], [0.1, -2.5, 3.0]])
-    y = S._from_int32(S._as_int32(x), x.shape)
+    y = C._from_int32(C._as_int32(x), x.shape)
     assert y.tobytes() == x.tobytes()
-    g = S._from_int32(np.stack([S._as_int32(x), S._as_int32(2 * x)]), x.shape, leading=2)
+    g = C._from_int32(np.stack([C._as_int32(x), C._as_int32(2 * x)]), x.shape, leading=2)
     assert g.shape == (2, 2, 3) and g[1].tobytes() == (2 * x).tobytes()
 
 
 def test_jax_comm_single_process():
-    comm = S.JaxComm()
+    comm = C.JaxComm()
     x = np.array([[76.12345678901234, np.nan], [0.1, 1e-300]])
     g = comm.allgather(x)
     assert g.shape == (1, 2, 2) and g[0].tobytes() == x.tobytes()

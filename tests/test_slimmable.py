@@ -13,6 +13,7 @@ from alphanet_jax import (evaluate, evolution, export, flops, presets, sampling,
 from alphanet_jax.errors import SearchSpaceError
 from alphanet_jax.resolve import resolve
 from alphanet_jax.search_space import SubnetConfig
+from alphanet_jax.subnet_encoding import encode
 
 SLIM = ss.get_space("slimmable_mobilenet_v2")
 TINY = ss.get_space("tiny_slimmable")
@@ -241,7 +242,7 @@ def _compare(space, variables, subnets, x, rtol):
 
     f = jax.jit(both)
     for s in subnets:
-        masked = f(variables, x, supernet.encode(s, space))
+        masked = f(variables, x, encode(s, space))
         m, sv = export.extract_subnet(variables, s, space)
         static = jax.jit(lambda v, x, m=m: (m.apply(v, x, train=False), m.apply(v, x, train=True)))(sv, x)
         for mode, a, b in zip(("eval", "train"), np.asarray(masked), np.asarray(static)):
@@ -274,7 +275,7 @@ def test_inactive_weights_get_exactly_zero_gradient(tiny_vars):
         lambda p: jnp.sum(model.apply({**tiny_vars, "params": p}, x, enc, train=True) * w))(p))
     for m in (0.35, 0.75):
         s = TINY.width_subnet(m)
-        g = jax.device_get(grad(tiny_vars["params"], supernet.encode(s, TINY)))
+        g = jax.device_get(grad(tiny_vars["params"], encode(s, TINY)))
         rs = resolve(s, TINY)
 
         def peak(x):

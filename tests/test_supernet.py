@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from alphanet_jax import errors, export, flops, layers, presets, sampling, search_space as ss, spaces, supernet
+from alphanet_jax import supernet_init
 from alphanet_jax.resolve import resolve
+from alphanet_jax.subnet_encoding import encode
 
 TINY = ss.get_space("tiny")
 ALPHA = ss.get_space("alphanet")
@@ -22,7 +24,7 @@ def _lively(variables, space, seed=0):
         if "project_bn" in str(p) and "scale" in str(p) else x, variables["params"])
     model = supernet.Supernet(space=space)
     x = jax.random.normal(jax.random.PRNGKey(seed), (8, 16, 16, 3))
-    _, st = jax.jit(lambda v, x: model.apply(v, x, supernet.encode(space.max_subnet(), space), train=True,
+    _, st = jax.jit(lambda v, x: model.apply(v, x, encode(space.max_subnet(), space), train=True,
                                              mutable=["batch_stats"]))({**variables, "params": params}, x)
     return {"params": params, "batch_stats": st["batch_stats"]}
 
@@ -48,7 +50,7 @@ def _compare(space, variables, subnets, train, x, rtol, dtype=jnp.float32):
     f = jax.jit(fn)
     worst = 0.0
     for s in subnets:
-        a = f(variables, x, supernet.encode(s, space))
+        a = f(variables, x, encode(s, space))
         m, sv = export.extract_subnet(variables, s, space, dtype=dtype)
         b = jax.jit(lambda v, x, m=m: m.apply(v, x, train=train))(sv, x)
         err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-6))
@@ -84,7 +86,7 @@ def test_bfloat16_logits_come_from_a_float32_classifier(tiny_vars):
     in float32: the logits are not bf16 numbers, and equal the float32 classifier on the bf16 features."""
     s = sampling.sample_subnet(TINY, random.Random(1))
     x = jax.random.normal(jax.random.PRNGKey(6), (4, 32, 32, 3))
-    enc = supernet.encode(s, TINY)
+    enc = encode(s, TINY)
     z16 = jax.jit(supernet.Supernet(space=TINY, dtype=jnp.bfloat16).apply)(tiny_vars, x, enc)
     z32 = jax.jit(supernet.Supernet(space=TINY).apply)(tiny_vars, x, enc)
     assert z16.dtype == jnp.float32
@@ -129,7 +131,7 @@ def test_one_program_per_resolution_over_many_subnets(tiny_vars):
     while len(seen) < 12:
         s = sampling.sample_subnet(TINY, rng).replace(resolution=24)
         seen.add(s)
-        f(tiny_vars, x, supernet.encode(s, TINY))
+        f(tiny_vars, x, encode(s, TINY))
     assert len(traces) == 1 and f._cache_size() == 1
 
 
@@ -170,7 +172,7 @@ def test_inactive_channels_stay_zero(tiny_vars, train):
     rng = random.Random(5)
     for _ in range(10):
         s = sampling.sample_subnet(TINY, rng)
-        enc = supernet.encode(s, TINY)
+        enc = encode(s, TINY)
         rs = resolve(s, TINY)
         for a in rs.blocks:
             b = TINY.blocks[a.index]
@@ -289,8 +291,8 @@ def test_mobilenet_v2_style_blocks_have_no_shortcut_params_and_unit_gamma():
     assert p["head"]["expand"]["kernel"].shape == (space.blocks[-1].max_out, max(space.head_widths))
     assert p["classifier"]["kernel"].shape == (max(space.head_widths), space.num_classes)
     b = space.blocks[0]
-    assert float(np.min(supernet.init_block(jax.random.PRNGKey(0), b)["project_bn"]["scale"])) == 1.0
-    assert all("shortcut" in supernet.init_block(jax.random.PRNGKey(0), b) for b in TINY.blocks[:1])
+    assert float(np.min(supernet_init.init_block(jax.random.PRNGKey(0), b)["project_bn"]["scale"])) == 1.0
+    assert all("shortcut" in supernet_init.init_block(jax.random.PRNGKey(0), b) for b in TINY.blocks[:1])
 
 
 def _train_grads(model, variables, x, w):
@@ -323,7 +325,7 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
     fa, fb = _train_grads(base, tiny_vars, x, w), _train_grads(other, tiny_vars, x, w)
     rng = random.Random(5)
     for s in [TINY.max_subnet(), TINY.min_subnet()] + [sampling.sample_subnet(TINY, rng) for _ in range(4)]:
-        enc = supernet.encode(s, TINY)
+        enc = encode(s, TINY)
         (ga, (za, sa)), (gb, (zb, sb)) = fa(tiny_vars["params"], enc), fb(tiny_vars["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
@@ -370,7 +372,7 @@ def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, 
                                                         scan_blocks=scan), variables, x, w) for scan in (False, True))
     rng = random.Random(7)
     for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(2)]:
-        enc = supernet.encode(s, DEEP)
+        enc = encode(s, DEEP)
         (ga, (za, sa)), (gb, (zb, sb)) = unrolled(variables["params"], enc), scanned(variables["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
         assert jax.tree.structure((ga, sa)) == jax.tree.structure((gb, sb))
@@ -425,7 +427,7 @@ def test_depth_skipping_loop_gives_the_same_logits_and_gradients(remat):
     subnets = [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(3)]
     assert len({tuple(s.depth) for s in subnets}) >= 4
     for s in subnets:
-        enc = supernet.encode(s, DEEP)
+        enc = encode(s, DEEP)
         (ga, za), (gb, zb) = full(variables["params"], enc), looped(variables["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
         for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):

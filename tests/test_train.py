@@ -37,7 +37,8 @@ from alphanet_jax import sandwich  # noqa: E402
 from alphanet_jax import train  # noqa: E402
 from alphanet_jax.sampling import sandwich_subnets  # noqa: E402
 from alphanet_jax.search_space import get_space  # noqa: E402
-from alphanet_jax.supernet import Supernet, encode  # noqa: E402
+from alphanet_jax.subnet_encoding import encode  # noqa: E402
+from alphanet_jax.supernet import Supernet  # noqa: E402
 from configs import alphanet as alphanet_config  # noqa: E402
 from configs import quickstart  # noqa: E402
 

@@ -22,9 +22,9 @@ from alphanet_jax.data.pipeline import (
     example_rngs,
     epoch_permutation,
     open_source,
-    prefetch,
     validate_structure,
 )
+from alphanet_jax.data.prefetch import prefetch
 from alphanet_jax.data.sources import BadExample, clear_cache, decode_image
 
 __all__ = [
@@ -46,15 +46,8 @@ __all__ = [
 ]
 
 
-def make_train_iterator(
-    cfg: Any,
-    *,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    state: dict | None = None,
-) -> TrainIterator:
+def make_train_iterator(cfg: Any, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                        state: dict | None = None) -> TrainIterator:
     """Infinite, shuffled (per epoch, from ``seed``), augmented, drop-remainder batches of the
     train split: ``dict(image=float32[B,H,W,3], label=int32[B])`` with B the per-host batch.
 
@@ -62,49 +55,26 @@ def make_train_iterator(
     classes).  ``state`` (from ``TrainIterator.get_state()``) resumes at the next batch."""
     spec = resolve_config(cfg)
     train, _ = validate_structure(spec)
-    return TrainIterator(
-        spec,
-        train,
-        batch_size=batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        state=state,
-    )
+    return TrainIterator(spec, train, batch_size=batch_size, seed=seed, process_index=process_index,
+                         process_count=process_count, state=state)
 
 
-def make_eval_iterator(
-    cfg: Any,
-    *,
-    batch_size: int,
-    split: str = "val",
-    process_index: int = 0,
-    process_count: int = 1,
-) -> EvalIterator:
+def make_eval_iterator(cfg: Any, *, batch_size: int, split: str = "val", process_index: int = 0,
+                       process_count: int = 1) -> EvalIterator:
     """One ordered pass with the validation transform: ``dict(image, label, mask)``; the last
     batch is padded (``mask`` False) and every host yields the same number of batches."""
     spec = resolve_config(cfg)
-    source = open_source(spec, split)
-    return EvalIterator(
-        spec, source, batch_size=batch_size, process_index=process_index, process_count=process_count
-    )
+    return EvalIterator(spec, open_source(spec, split), batch_size=batch_size, process_index=process_index,
+                        process_count=process_count)
 
 
-def make_calibration_iterator(
-    cfg: Any,
-    *,
-    batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> TrainIterator:
+def make_calibration_iterator(cfg: Any, *, batch_size: int, seed: int, process_index: int = 0,
+                              process_count: int = 1) -> TrainIterator:
     """BN-calibration batches (spec §7): the training transform on the train split, shuffled,
     drop-remainder.  Infinite; take e.g. 64 batches of 256."""
     spec = resolve_config(cfg)
-    source = open_source(spec, "train")
-    return TrainIterator(
-        spec, source, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
-    )
+    return TrainIterator(spec, open_source(spec, "train"), batch_size=batch_size, seed=seed,
+                         process_index=process_index, process_count=process_count)
 
 
 def dataset_info(cfg: Any) -> dict:

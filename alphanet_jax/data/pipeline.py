@@ -8,7 +8,6 @@ batch a record lands in, or the read-ahead.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import warnings
@@ -29,7 +28,6 @@ __all__ = [
     "validate_structure",
     "TrainIterator",
     "EvalIterator",
-    "prefetch",
 ]
 
 log = logging.getLogger("alphanet_jax.data")
@@ -115,14 +113,25 @@ def validate_structure(spec: DataSpec) -> tuple[Any, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Bad-record handling shared by the iterators
+# What the iterators share: the host's place and batch size, bad-record handling
 # ----------------------------------------------------------------------------------------------
 
-def _check_batch_and_host(batch_size: int, process_index: int, process_count: int) -> None:
-    if batch_size <= 0:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+class _HostBatches:
+    """What both iterators hold: the split's source, this host's place among the hosts and the per-host
+    batch size (checked)."""
+
+    def __init__(self, spec: DataSpec, source, batch_size: int, process_index: int, process_count: int):
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        if process_count <= 0 or not 0 <= process_index < process_count:
+            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+        self.spec = spec
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self.num_examples = len(source)
+
 
 class _Loader:
     """Loads records from a source, remembering undecodable ones and warning once per record.
@@ -203,7 +212,7 @@ def _buffer_size(spec: DataSpec, batch_size: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Training (and calibration) iterator
 # ----------------------------------------------------------------------------------------------
-class TrainIterator:
+class TrainIterator(_HostBatches):
     """Infinite iterator over epochs of shuffled, augmented, drop-remainder batches.
 
     Yields ``dict(image=float32[B, H, W, 3], label=int32[B])`` with B the per-host batch.
@@ -229,14 +238,8 @@ class TrainIterator:
         process_count: int = 1,
         state: dict | None = None,
     ):
-        _check_batch_and_host(batch_size, process_index, process_count)
-        self.spec = spec
-        self.source = source
-        self.batch_size = int(batch_size)
+        super().__init__(spec, source, batch_size, process_index, process_count)
         self.seed = _u64(seed)
-        self.process_index = int(process_index)
-        self.process_count = int(process_count)
-        self.num_examples = len(source)
         self.examples_per_host = self.num_examples // self.process_count
         self.steps_per_epoch = self.examples_per_host // self.batch_size
         if self.steps_per_epoch == 0:
@@ -388,7 +391,7 @@ class TrainIterator:
 # ----------------------------------------------------------------------------------------------
 # Evaluation iterator
 # ----------------------------------------------------------------------------------------------
-class EvalIterator:
+class EvalIterator(_HostBatches):
     """One pass over a split in order with the validation transform.
 
     Host ``p`` of ``P`` gets the contiguous shard ``[p * S, min(N, (p + 1) * S))`` with
@@ -399,13 +402,7 @@ class EvalIterator:
     """
 
     def __init__(self, spec: DataSpec, source, *, batch_size: int, process_index: int = 0, process_count: int = 1):
-        _check_batch_and_host(batch_size, process_index, process_count)
-        self.spec = spec
-        self.source = source
-        self.batch_size = int(batch_size)
-        self.process_index = int(process_index)
-        self.process_count = int(process_count)
-        self.num_examples = len(source)
+        super().__init__(spec, source, batch_size, process_index, process_count)
         self.shard_size = -(-self.num_examples // self.process_count)
         self.start = min(self.num_examples, self.process_index * self.shard_size)
         self.stop = min(self.num_examples, self.start + self.shard_size)
@@ -454,92 +451,3 @@ class EvalIterator:
         finally:
             if hasattr(it, "close"):
                 it.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Background prefetch (no jax)
-# ----------------------------------------------------------------------------------------------
-class _Prefetcher:
-    _END = object()
-
-    def __init__(self, iterator, size: int):
-        if size < 1:
-            raise ConfigError(f"prefetch size must be >= 1, got {size}")
-        self._src = iterator
-        self._has_state = callable(getattr(iterator, "get_state", None))
-        self._q: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._state = iterator.get_state() if self._has_state else None
-        self._stats = dict(getattr(iterator, "stats", {}) or {})
-        self._done = False
-        self._thread = threading.Thread(target=self._run, name="alphanet-data-prefetch", daemon=True)
-        self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self):
-        try:
-            for item in self._src:
-                state = self._src.get_state() if self._has_state else None
-                stats = dict(getattr(self._src, "stats", {}) or {})
-                if not self._put(("item", item, state, stats)):
-                    return
-            self._put(("end", None, None, None))
-        except BaseException as e:  # forwarded to the consumer
-            self._put(("error", e, None, None))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._done:
-            raise StopIteration
-        kind, value, state, stats = self._q.get()
-        if kind == "item":
-            self._state, self._stats = state, stats
-            return value
-        self._done = True
-        if kind == "error":
-            raise value
-        raise StopIteration
-
-    def get_state(self):
-        """State of the wrapped iterator after the last batch *returned by this wrapper*."""
-        if not self._has_state:
-            raise AttributeError("the wrapped iterator has no get_state()")
-        return self._state
-
-    @property
-    def stats(self) -> dict:
-        return dict(self._stats)
-
-    @property
-    def epoch(self):
-        if self._state is not None and "epoch" in self._state:
-            return self._state["epoch"]
-        return getattr(self._src, "epoch", None)
-
-    def close(self):
-        self._stop.set()
-        while True:
-            try:
-                self._q.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=5)
-
-
-def prefetch(iterator, size: int = 2) -> _Prefetcher:
-    """Run ``iterator`` in a background thread, keeping up to ``size`` items ready.
-
-    Exceptions are re-raised in the consumer.  If the iterator has ``get_state()``, the wrapper's
-    ``get_state()`` returns the state matching the last item it handed out (not the read-ahead).
-    Does not import jax; device placement is left to the caller."""
-    return _Prefetcher(iterator, size)
