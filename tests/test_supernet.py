@@ -310,7 +310,7 @@ def _train_grads(model, variables, x, w):
 
 
 @pytest.mark.parametrize("skip_inactive,remat,residuals", [(False, True, "all"), (True, True, "all"),
-                                                             (False, False, "convs"), (True, False, "convs")])
+                                                             (True, False, "convs")])
 def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactive, remat, residuals):
     """`remat` (recompute blocks in the backward pass), `block_residuals='convs'` (keep only the
     convolutions' outputs, SE gates and BN statistics; recompute the rest) and `skip_inactive` change
