@@ -33,7 +33,8 @@ from alphanet_jax import export as export_lib
 from alphanet_jax import losses
 from alphanet_jax import mesh as mesh_lib
 from alphanet_jax.search_space import SearchSpace
-from alphanet_jax.supernet import EncodedSubnet, Supernet, encode
+from alphanet_jax.subnet_encoding import EncodedSubnet, encode
+from alphanet_jax.supernet import Supernet
 
 Array = jax.Array
 

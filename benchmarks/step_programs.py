@@ -43,7 +43,7 @@ def main() -> None:
     import numpy as np
 
     from alphanet_jax import sampling
-    from alphanet_jax.supernet import encode
+    from alphanet_jax.subnet_encoding import encode
     from train_step import build
 
     args.static_min = "true"

@@ -147,7 +147,7 @@ def main() -> None:
     import numpy as np
 
     from alphanet_jax import flops, sampling, sandwich, train
-    from alphanet_jax.supernet import encode
+    from alphanet_jax.subnet_encoding import encode
 
     config, space, mesh, model, tx, state, step, data = build(args)
     n_dev = mesh.devices.size
