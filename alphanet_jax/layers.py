@@ -285,22 +285,17 @@ def prefix_scan(f, x: Array, params: Any, aux: Any, n: Any) -> Array:
     at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
 
     def step_vjp(x, p, a):
-        """(y, residuals to stash); records where the others come from in box["where"]."""
+        """(y, the residuals to stash); box["where"] records which residuals are forwarded inputs."""
         y, vjp = jax.vjp(lambda x, p: f(x, p, a), x, p)
         leaves, box["tree"] = jax.tree.flatten(vjp)
-        inputs = jax.tree.leaves((p, a))
-        where, stash = [], []
-        for leaf in leaves:
-            k = next((k for k, v in enumerate(inputs) if leaf is v), None)
-            where.append(("input", k) if k is not None else ("stash", len(stash)))
-            if k is None:
-                stash.append(leaf)
-        box["where"] = where
+        position = {id(v): k for k, v in enumerate(jax.tree.leaves((p, a)))}  # forwarded inputs
+        stash = [leaf for leaf in leaves if id(leaf) not in position]
+        box["where"] = [position.get(id(leaf)) for leaf in leaves]  # None: the next stashed residual
         return y, stash
 
     def residuals(stash, params, aux, i):
-        inputs = jax.tree.leaves((at(params, i), at(aux, i)))
-        return [inputs[k] if kind == "input" else stash[k][i] for kind, k in box["where"]]
+        inputs, stashed = jax.tree.leaves((at(params, i), at(aux, i))), iter(s[i] for s in stash)
+        return [next(stashed) if k is None else inputs[k] for k in box["where"]]
 
     def loop(x, params, aux, n, stash):
         def body(i, carry):
