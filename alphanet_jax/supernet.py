@@ -31,7 +31,6 @@ from typing import Any
 import chex
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -69,14 +68,14 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
     h = x
     if b.has_expand:
         h = layers.pointwise(h, p["expand"]["kernel"] * (in_m[:, None] & mid_m[None, :]))
-        h = checkpoint_name(h, layers.SAVED_CONV)
+        h = layers.save(h, layers.SAVED_CONV)
         h, new["expand_bn"] = layers.batch_norm(h, p["expand_bn"], s["expand_bn"], mid_m, train=train, eps=eps,
                                                 axis_name=axis_name, group_size=bn_group_size)
         h = jnp.where(mid_m, act(h), 0)
     kmask = layers.kernel_mask(e["kernel"], b.max_kernel)[:, :, None, None] & mid_m
     h = depthwise_lib.depthwise(h, p["dw"]["kernel"] * kmask, b.stride, depthwise_impl,
                                 active_kernel=e["kernel"], kernel_sizes=kernel_sizes)
-    h = checkpoint_name(h, layers.SAVED_CONV)
+    h = layers.save(h, layers.SAVED_CONV)
     h, new["dw_bn"] = layers.batch_norm(h, p["dw_bn"], s["dw_bn"], mid_m, train=train, eps=eps,
                                         axis_name=axis_name, group_size=bn_group_size)
     h = jnp.where(mid_m, act(h), 0)
@@ -87,17 +86,17 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
         z = jax.nn.relu(z + p["se_reduce"]["bias"] * se_m)
         g = z @ (p["se_expand"]["kernel"] * (se_m[:, None] & mid_m[None, :]))
         g = layers.hard_sigmoid(g + p["se_expand"]["bias"] * mid_m)
-        g = checkpoint_name(g, layers.SAVED_SE)
+        g = layers.save(g, layers.SAVED_SE)
         h = h * g[:, None, None, :].astype(h.dtype)
     h = layers.pointwise(h, p["project"]["kernel"] * (mid_m[:, None] & out_m[None, :]))
-    h = checkpoint_name(h, layers.SAVED_CONV)
+    h = layers.save(h, layers.SAVED_CONV)
     h, new["project_bn"] = layers.batch_norm(h, p["project_bn"], s["project_bn"], out_m, train=train, eps=eps,
                                              axis_name=axis_name, group_size=bn_group_size)
     if b.shortcut_mode == "always":
         # Shortcut (spec §2.3): pool if strided, 1x1 conv if the active widths differ.
         sc = layers.avg_pool_2x2(x) if b.stride > 1 else x
         if b.position == 0:
-            conv = checkpoint_name(layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :])),
+            conv = layers.save(layers.pointwise(sc, p["shortcut"]["kernel"] * (in_m[:, None] & out_m[None, :])),
                                    layers.SAVED_CONV)
             sc = jnp.where(e["in_ch"] != e["out_ch"], conv, layers.fit_channels(sc, b.max_out))
     elif b.stride > 1:  # 'identity_when_same' (MobileNetV2): no residual in strided blocks
@@ -117,17 +116,18 @@ def _block_forward(p: dict, s: dict, x: Array, e: dict, b: BlockSpec, *, train: 
     return out, (new if train else None)
 
 
-def block_groups(space: SearchSpace) -> list[list[BlockSpec]]:
+def block_groups(space: SearchSpace, by_depth: bool = True) -> list[list[BlockSpec]]:
     """The blocks in execution order, grouped for `forward`: each stage's first block alone, then its
-    other blocks (one shape: stride 1, max_in = max_out) in up to two groups run as one scanned body
-    each: those every subnet runs (positions below the stage's least depth) and the depth-optional
-    ones (which `skip_inactive` runs only as far as the subnet's depth, `layers.prefix_scan`)."""
+    other blocks (one shape: stride 1, max_in = max_out) run as one scanned body. `by_depth` splits
+    those in two groups: the ones every subnet runs (positions below the stage's least depth) and the
+    depth-optional ones; without it they stay one group, for `layers.prefix_scan` (which runs a
+    stage only as far as the subnet's depth: the always-run blocks are the start of that prefix)."""
     groups: list[list[BlockSpec]] = []
     for si in range(space.num_stages):
         blocks = [space.blocks[i] for i in space.stage_blocks(si)]
         least = max(1, min(space.stages[si].depths))
         groups.append(blocks[:1])
-        groups += [g for g in (blocks[1:least], blocks[least:]) if g]
+        groups += [g for g in ((blocks[1:least], blocks[least:]) if by_depth else (blocks[1:],)) if g]
     return groups
 
 
@@ -304,7 +304,9 @@ def forward(params: dict, stats: dict, images: Array, enc: EncodedSubnet, *, spa
     # Depth-optional blocks of a scanned stage run as a loop over the active ones (statistics for
     # calibration come from the scan below, which keeps every block's).
     prefix = skip_inactive and scan_blocks and not collect_stats
-    for group in block_groups(space) if scan_blocks else [[b] for b in space.blocks]:
+    # One loop per stage's same-shape blocks (a scan body, compiled once, instead of two: a smaller
+    # program that compiles faster, benchmarks/RESULTS.md).
+    for group in block_groups(space, by_depth=not prefix) if scan_blocks else [[b] for b in space.blocks]:
         b = group[0]
         idx = [g.index for g in group]
         always = all(g.position < min(space.stages[g.stage].depths) for g in group)

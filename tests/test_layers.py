@@ -2,6 +2,7 @@
 CPU pointwise backward equals JAX's own."""
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -143,3 +144,26 @@ def test_elastic_taps_equal_the_masked_kernel(stride, h):
         np.testing.assert_allclose(g_e[0], g_m[0], **tol)
         np.testing.assert_allclose(g_e[1], g_m[1], **tol)
         assert np.all(np.asarray(g_e[1])[~np.asarray(mask)[:, :, 0, 0]] == 0)  # nothing outside the window
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_is_a_checkpoint_name_without_a_reduce_precision_copy(dtype):
+    """`layers.save` tags what a `save_only_these_names` checkpoint keeps, as `checkpoint_name` does
+    (the matmul is not recomputed in the backward pass: one dot forward, one for the weight gradient),
+    the same values and gradients bit for bit, but without the `reduce_precision` JAX puts after a
+    saved float (which `checkpoint_name` still gets: the control)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5)).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(1), (5, 4)).astype(dtype)
+    policy = jax.checkpoint_policies.save_only_these_names(layers.SAVED_CONV)
+
+    def loss(tag):
+        return jax.checkpoint(lambda w: jnp.sum(jnp.sin(tag(x @ w, layers.SAVED_CONV)).astype(jnp.float32)),
+                              policy=policy)
+
+    saved, named = jax.grad(loss(layers.save)), jax.grad(loss(checkpoint_name))
+    np.testing.assert_array_equal(np.asarray(saved(w), np.float32), np.asarray(named(w), np.float32))
+    assert "reduce_precision" not in jax.jit(saved).lower(w).as_text()
+    assert "reduce_precision" in jax.jit(named).lower(w).as_text()
+    assert str(jax.make_jaxpr(saved)(w)).count("dot_general") == 2
+    assert layers.save(x, layers.SAVED_CONV).dtype == dtype
+    np.testing.assert_array_equal(np.asarray(layers.save(x, "any"), np.float32), np.asarray(x, np.float32))

@@ -342,7 +342,10 @@ def test_block_groups_scan_each_stages_same_shape_blocks():
     groups = supernet.block_groups(DEEP)
     # Stage 1 (depths 2, 4): block 5 runs in every subnet, 6 and 7 are depth-optional.
     assert [[b.index for b in g] for g in groups] == [[0], [1, 2, 3], [4], [5], [6, 7], [8], [9, 10, 11]]
-    for g in groups:
+    # For depth skipping (`layers.prefix_scan`) a stage's blocks after the first stay one group.
+    merged = supernet.block_groups(DEEP, by_depth=False)
+    assert [[b.index for b in g] for g in merged] == [[0], [1, 2, 3], [4], [5, 6, 7], [8], [9, 10, 11]]
+    for g in groups + merged:
         assert len({(b.stride, b.max_in, b.max_out, b.max_mid, b.max_kernel, b.se) for b in g}) == 1
     assert supernet.resolve_scan_blocks("auto") is (jax.default_backend() == "cpu")
     assert supernet.resolve_scan_blocks("False") is False and supernet.resolve_scan_blocks(True) is True
