@@ -65,7 +65,7 @@ class SandwichStep:
         self.distill = distill_loss_fn(config)
         self.clip = float(config.optim.grad_clip_value)
         self.max_bad = int(config.max_consecutive_bad_steps)
-        donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
+        self.donate = donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
         self.subnet_fn = jax.jit(self._subnet, donate_argnums=(2,) if donate else ())
         self.update_fn = jax.jit(self._update, donate_argnums=(0, 1) if donate else ())
         # The min subnet is the same network every step: it runs sliced, at its own widths (a
@@ -78,8 +78,9 @@ class SandwichStep:
             space=space, subnet=self.min_config, dtype=model.dtype, bn_eps=model.bn_eps,
             depthwise_impl=model.depthwise_impl, bn_axis_name=model.bn_axis_name, bn_group_size=model.bn_group_size)
         self.min_fn = jax.jit(self._min_subnet, donate_argnums=(2,) if donate else ())
-        # The max subnet's gradient accumulator: zeros made by the previous update (None before
-        # the first step: then made on the host, which compiles nothing).
+        # The max subnet's gradient accumulator: with donation, zeros made by the previous update
+        # (None before the first step: then made on the host, which compiles nothing); without (CPU),
+        # one array of host zeros that every step reuses, since nothing overwrites it.
         self._zero_grads = None
         self._zero_teachers: dict[tuple[int, ...], Array] = {}  # batch shape -> zero logits (`_zero_teacher`)
 
@@ -146,13 +147,18 @@ class SandwichStep:
         """The max subnet's gradient accumulator: the zeros the last update made, else zeros from the host.
 
         Host zeros (`make_array_from_callback`) compile nothing, so the step stays at
-        `len(resolutions) + 2` programs; on accelerators the accumulator is donated, so each is used once.
+        `len(resolutions) + 2` programs; on accelerators the accumulator is donated, so each is used once;
+        without donation (CPU) the same host zeros serve every step.
         """
-        zeros, self._zero_grads = self._zero_grads, None
+        zeros = self._zero_grads
+        if self.donate:
+            self._zero_grads = None
         if zeros is None:
             rep = mesh_lib.replicated(self.mesh)
             zeros = jax.tree.map(lambda a: jax.make_array_from_callback(
                 a.shape, rep, lambda idx, a=a: np.zeros(a.shape, a.dtype)[idx]), params)
+            if not self.donate:
+                self._zero_grads = zeros
         return zeros
 
     def _zero_teacher(self, labels: Array) -> Array:
@@ -210,8 +216,9 @@ class SandwichStep:
         # step, on the device); the host sees it at the next log or save step and stops the run.
         halted = state["worst_streak"] >= self.max_bad
         new = jax.tree.map(lambda a, b: jnp.where(halted, b, a), new, state)
-        # The next step's gradient accumulator (in the donated gradients' buffers on accelerators).
-        zeros = jax.tree.map(jnp.zeros_like, grads)
+        # The next step's gradient accumulator, in the donated gradients' buffers (none without
+        # donation: 469 outputs fewer to compile for AlphaNet).
+        zeros = jax.tree.map(jnp.zeros_like, grads) if self.donate else None
         return new, {"grad_norm": grad_norm, "clip_fraction": clipped, "finite": finite}, zeros
 
     def __call__(self, state: dict, batch: Mapping[str, Array], encs: list[EncodedSubnet], rng: Array
@@ -224,7 +231,9 @@ class SandwichStep:
             grads, m = self.student(params, bs, grads, images, labels, teacher, enc, rng)
             role = "min" if i == len(encs) - 1 else f"random{i}"
             metrics[f"{role}/loss"], metrics[f"{role}/acc"] = m["loss"], m["acc"]
-        state, m, self._zero_grads = self.update_fn(state, grads)
+        state, m, zeros = self.update_fn(state, grads)
+        if self.donate:
+            self._zero_grads = zeros
         metrics.update(m)
         return state, metrics
 
