@@ -52,7 +52,7 @@ def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
     programs = json.loads((tmp_path / "train_bf16.json").read_text())["xla"]  # --xla_stats
     assert [row["program"] for row in programs] == ["subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"]
     assert programs[0]["gflop"] > 0 and programs[0]["temp_bytes"] > 0 and programs[0]["argument_bytes"] > 0
-    for s in ("min", "max"):
+    for s in ("max",):  # SUITE_SMALL evaluates the max subnet only (min and max are one code path)
         for mode in ("masked", "static"):
             r = json.loads((tmp_path / f"eval_{s}_{mode}.json").read_text())
             assert r["mode"] == mode and r["eval_ips"] > 0 and r["calib_ips"] > 0

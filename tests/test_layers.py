@@ -24,12 +24,18 @@ def test_shifted_depthwise_equals_xla_grouped_convolution_values_and_gradients(n
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kk, (k, k, 1, c))
-    y, vjp = jax.vjp(lambda a, b: depthwise_lib.depthwise(a, b, stride, impl), x, kernel)
-    y_ref, vjp_ref = jax.vjp(lambda a, b: depthwise_lib.depthwise(a, b, stride, "xla"), x, kernel)
+
+    @jax.jit  # one compile per example instead of one per primitive (op by op)
+    def value_and_grads(x, kernel, kg):
+        (y, vjp), (y_ref, vjp_ref) = (jax.vjp(lambda a, b, i=i: depthwise_lib.depthwise(a, b, stride, i), x, kernel)
+                                      for i in (impl, "xla"))
+        g = jax.random.normal(kg, y.shape)
+        return y, y_ref, vjp(g), vjp_ref(g)
+
+    y, y_ref, grads, grads_ref = value_and_grads(x, kernel, kg)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    g = jax.random.normal(kg, y.shape)
-    for got, want in zip(vjp(g), vjp_ref(g)):
+    for got, want in zip(grads, grads_ref):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * max(1.0, float(jnp.abs(want).max())))
 
 
@@ -105,11 +111,16 @@ def test_pointwise_cpu_backward_equals_autodiff(n, h, cin, cout, seed):
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
     x = jax.random.normal(kx, (n, h, h + 1, cin))
     kernel = jax.random.normal(kk, (cin, cout))
-    y, vjp = jax.vjp(layers._pointwise_cpu, x, kernel)
-    y_ref, vjp_ref = jax.vjp(layers._pointwise, x, kernel)
+
+    @jax.jit  # one compile per example instead of one per primitive
+    def value_and_grads(x, kernel, kg):
+        (y, vjp), (y_ref, vjp_ref) = (jax.vjp(f, x, kernel) for f in (layers._pointwise_cpu, layers._pointwise))
+        g = jax.random.normal(kg, y.shape)
+        return y, y_ref, vjp(g), vjp_ref(g)
+
+    y, y_ref, grads, grads_ref = value_and_grads(x, kernel, kg)
     np.testing.assert_array_equal(y, y_ref)
-    g = jax.random.normal(kg, y.shape)
-    for got, want in zip(vjp(g), vjp_ref(g)):
+    for got, want in zip(grads, grads_ref):
         # sums of n*h*(h+1) (or cout) products in another order
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(want).max())))
 
@@ -126,17 +137,20 @@ def test_elastic_taps_equal_the_masked_kernel(stride, h):
     gradients as all 7x7 taps with the kernel masked to that window."""
     x = jax.random.normal(jax.random.PRNGKey(h), (2, h, 11, 6))
     kernel = jax.random.normal(jax.random.PRNGKey(stride), (7, 7, 1, 6))
+
+    def loss(x, w, active, elastic):
+        y = depthwise_lib.depthwise(x, w * layers.kernel_mask(active, 7)[:, :, None, None], stride, "taps",
+                                    active_kernel=active if elastic else None,
+                                    kernel_sizes=(3, 5, 7) if elastic else ())
+        return jnp.sum(y * jnp.cos(y)), y
+
+    # The active size traced: one program each for every size, as in the supernet.
+    elastic, masked = (jax.jit(jax.value_and_grad(lambda x, w, a, e=e: loss(x, w, a, e), (0, 1), has_aux=True))
+                       for e in (True, False))
     for active in (3, 5, 7):
         mask = layers.kernel_mask(active, 7)[:, :, None, None]
-
-        def loss(x, w, elastic):
-            y = depthwise_lib.depthwise(x, w * mask, stride, "taps",
-                                        active_kernel=jnp.asarray(active) if elastic else None,
-                                        kernel_sizes=(3, 5, 7) if elastic else ())
-            return jnp.sum(y * jnp.cos(y)), y
-
-        (_, y_e), g_e = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, True), (0, 1), has_aux=True))(x, kernel)
-        (_, y_m), g_m = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, False), (0, 1), has_aux=True))(x, kernel)
+        (_, y_e), g_e = elastic(x, kernel, jnp.asarray(active))
+        (_, y_m), g_m = masked(x, kernel, jnp.asarray(active))
         # Sums of <= 49 float32 products of O(1) values, in the same order; FMA contraction may differ:
         # a few float32 epsilons times the sum of |terms| (<= ~49 * 4).
         tol = dict(rtol=1e-5, atol=200 * 49 * float(np.finfo(np.float32).eps))
