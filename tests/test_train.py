@@ -824,7 +824,10 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
     keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(6)]
     secs = step.precompile(state, batch, sandwich.step_encodings(SPACE), keys[0])
     assert set(secs) == {"subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"}
-    assert len(secs) == len(SPACE.resolutions) + 2
+    assert len(secs) == len(SPACE.resolutions) + 2 and all(t > 0 for t in secs.values())
+    # Both ways: one compile thread beside the lowering (<= 2 cores, above) and concurrent compiles.
+    other = sandwich.SandwichStep(model, tx, c, mesh)
+    assert set(other.precompile(state, batch, sandwich.step_encodings(SPACE), keys[0], max_workers=2)) == set(secs)
     encs = [[encode(s, SPACE) for s in sandwich_subnets(SPACE, 0, i, 4)] for i in range(6)]
     assert {e.resolution for es in encs for e in es[1:]} == set(SPACE.resolutions)
 
