@@ -66,7 +66,10 @@ class SandwichStep:
         self.clip = float(config.optim.grad_clip_value)
         self.max_bad = int(config.max_consecutive_bad_steps)
         self.donate = donate = jax.default_backend() != "cpu"  # CPU ignores donation (and warns)
-        self.subnet_fn = jax.jit(self._subnet, donate_argnums=(2,) if donate else ())
+        # (gradients, logits, metrics): the logits as batch-sharded as the max subnet's zero teacher, so
+        # that a student's call matches the max subnet's signature (one jit cache entry per program).
+        outs = (mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh))
+        self.subnet_fn = jax.jit(self._subnet, donate_argnums=(2,) if donate else (), out_shardings=outs)
         self.update_fn = jax.jit(self._update, donate_argnums=(0, 1) if donate else ())
         # The min subnet is the same network every step: it runs sliced, at its own widths (a
         # fraction of the masked program's work), in a program of its own (`_min_subnet`).
@@ -77,7 +80,7 @@ class SandwichStep:
         self.min_model = export_lib.StaticSubnet(
             space=space, subnet=self.min_config, dtype=model.dtype, bn_eps=model.bn_eps,
             depthwise_impl=model.depthwise_impl, bn_axis_name=model.bn_axis_name, bn_group_size=model.bn_group_size)
-        self.min_fn = jax.jit(self._min_subnet, donate_argnums=(2,) if donate else ())
+        self.min_fn = jax.jit(self._min_subnet, donate_argnums=(2,) if donate else (), out_shardings=outs)
         # The max subnet's gradient accumulator: with donation, zeros made by the previous update
         # (None before the first step: then made on the host, which compiles nothing); without (CPU),
         # one array of host zeros that every step reuses, since nothing overwrites it.

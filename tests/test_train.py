@@ -804,6 +804,19 @@ def test_cli_bad_subnet_name_fails_clearly(tmp_path):
     assert not (tmp_path / "eval.json").exists()
 
 
+def _sandwich_setup(devices: int, **overrides):
+    """(config, mesh, model, tx, state, step, batch) of a tiny sandwich step on `devices` devices (-1: all)."""
+    c = tiny_config(**overrides)
+    mesh = mesh_lib.make_mesh(devices)
+    model = train.make_model(c, SPACE)
+    tx = make_tx(c)
+    state, _ = train.create_state(model, tx, 0, mesh)
+    rng = np.random.default_rng(0)
+    batch = mesh_lib.to_global({"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
+                                "label": rng.integers(0, 10, BATCH).astype(np.int32)}, mesh)
+    return c, mesh, model, tx, state, sandwich.SandwichStep(model, tx, c, mesh), batch
+
+
 def test_precompile_builds_every_program_so_steps_compile_nothing():
     """SandwichStep.precompile compiles one subnet program per resolution (the max subnet's included), the
     static min subnet's and the update up front; the steps after it, over every resolution, trigger no
@@ -812,15 +825,7 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
 
     backend_compile = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
 
-    c = tiny_config(**{"sandwich.dropout": 0.2})
-    mesh = mesh_lib.make_mesh(-1)
-    model = train.make_model(c, SPACE)
-    tx = make_tx(c)
-    state, _ = train.create_state(model, tx, 0, mesh)
-    step = sandwich.SandwichStep(model, tx, c, mesh)
-    rng = np.random.default_rng(0)
-    batch = mesh_lib.to_global({"image": rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32),
-                                "label": rng.integers(0, 10, BATCH).astype(np.int32)}, mesh)
+    c, mesh, model, tx, state, step, batch = _sandwich_setup(-1, **{"sandwich.dropout": 0.2})
     keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(6)]
     secs = step.precompile(state, batch, sandwich.step_encodings(SPACE), keys[0])
     assert set(secs) == {"subnets @ 16", "subnets @ 24 (and max)", "min subnet @ 16 (static)", "update"}
@@ -849,3 +854,15 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
     assert compiles == []
     assert step.num_compiled() == len(secs)
     assert int(state["step"]) == 6 and np.isfinite(float(metrics["max/loss"]))
+
+
+def test_max_subnet_and_students_share_one_program_entry_on_one_device():
+    """On a 1-device mesh too, a student's call (teacher = the max subnet's logits) has the max subnet's
+    argument signature (zero teacher and host zeros): one jit entry, so `num_compiled` counts programs."""
+    _, _, _, _, state, step, batch = _sandwich_setup(1)
+    p, bs, key = state["params"], state["batch_stats"], jax.random.PRNGKey(0)
+    grads, teacher, _ = step.max_subnet(p, bs, batch["image"], batch["label"], encode(SPACE.max_subnet(), SPACE), key)
+    student = encode(SPACE.min_subnet().replace(resolution=max(SPACE.resolutions)), SPACE)
+    grads, m = step.student(p, bs, grads, batch["image"], batch["label"], teacher, student, key)
+    assert np.isfinite(float(m["loss"]))
+    assert step.num_compiled() == 1
