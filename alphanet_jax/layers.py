@@ -29,7 +29,7 @@ def save(x: Array, name: str) -> Array:
     Differentiated, the tag sits on x's bits (an unsigned integer view) instead of on x, the same
     values: `jax.checkpoint` then keeps the residual without the `reduce_precision` it puts after
     every saved float (a guard against excess precision, which a stored tensor cannot have), which
-    XLA:CPU runs as one more copy of every saved convolution output (~5 % of the max subnet's step).
+    XLA:CPU runs as one more copy of every saved convolution output (benchmarks/RESULTS.md, session 10).
     """
     return _save(x, name)
 

@@ -281,24 +281,25 @@ class SandwichStep:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        def timed(f, *args):
+        def timed(f):
             t = time.perf_counter()
-            f(*args)
+            f()
             return time.perf_counter() - t
 
-        items = list(self.lowerings(state, batch, encs, rng).items())
+        lowerings = self.lowerings(state, batch, encs, rng)
         cores = os.cpu_count() or 1
-        workers = max_workers or (1 if cores <= 2 else min(len(items), cores))
+        workers = max_workers or (1 if cores <= 2 else min(len(lowerings), cores))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             if workers > 1:
-                return dict(zip([n for n, _ in items], pool.map(lambda item: timed(lambda: item[1]().compile()), items)))
+                seconds = pool.map(lambda lower: timed(lambda: lower().compile()), lowerings.values())
+                return dict(zip(lowerings, seconds))
             # Python lowers the next program while XLA compiles this one in its own threads.
-            pending = []
-            for name, lower in items:
+            pending = {}
+            for name, lower in lowerings.items():
                 t = time.perf_counter()
                 lowered = lower()
-                pending.append((name, time.perf_counter() - t, pool.submit(timed, lowered.compile)))
-            return {name: lowering + compiling.result() for name, lowering, compiling in pending}
+                pending[name] = (time.perf_counter() - t, pool.submit(timed, lowered.compile))
+            return {name: lowering + compiling.result() for name, (lowering, compiling) in pending.items()}
 
 
 def step_encodings(space: SearchSpace) -> dict[Any, EncodedSubnet]:

@@ -204,8 +204,8 @@ def _block_fn(b: BlockSpec, dc_static: bool, *, space: SearchSpace, train: bool,
     if remat:
         run = jax.checkpoint(run)
     elif block_residuals == "convs":  # recompute BN, activations and masks from the saved outputs
-        # prevent_cse=False: no reduce-precision barriers (they cost ~6 % of the max subnet's step on CPU);
-        # where XLA merges a recomputation with the forward's value, it keeps that value instead.
+        # prevent_cse=False: no optimization barriers around the recomputation (inside loops XLA's CSE
+        # cannot undo it anyway); the reduce_precision after each saved residual is `layers.save`'s concern.
         run = jax.checkpoint(run, policy=jax.checkpoint_policies.save_only_these_names(*layers.SAVED_NAMES),
                              prevent_cse=False)
 
