@@ -50,6 +50,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
      lambda v: isinstance(v, bool) or str(v).lower() in supernet.SKIP_INACTIVE_VALUES, "True, False or 'auto'"),
     ("model.block_residuals", lambda v: str(v).lower() in supernet.BLOCK_RESIDUALS_VALUES,
      f"one of {supernet.BLOCK_RESIDUALS_VALUES}"),
+    ("compile_cache", lambda v: isinstance(v, str), "'auto', 'none' or a directory"),
     ("mesh.data", lambda v: _is_int(v) and (v >= 1 or v in (-1, 0)), "-1 (all devices) or a device count >= 1"),
     *((k, lambda v: _is_int(v) and v >= 1, "an integer >= 1") for k in ("latency.batch_size", "latency.repeats",
                                                                          "latency.rounds")),

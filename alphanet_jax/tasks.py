@@ -21,6 +21,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
+from alphanet_jax import compile_cache
 from alphanet_jax import config_check
 from alphanet_jax.console import log
 from alphanet_jax import data as data_lib
@@ -344,6 +345,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "") -> dict
     config_check.validate_config(config, tasks)
     config_check.check_workdir(workdir)
     mesh_lib.initialize_distributed(config.distributed)
+    cache = compile_cache.enable(config.get("compile_cache", "auto"))
+    if cache is not None:
+        log(f"XLA compilation cache: {cache} (config.compile_cache; 'none' turns it off)")
     try:
         return _run_tasks(config, workdir, tasks)
     except Exception as e:

@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from alphanet_jax import checkpoint as ckpt_lib
+from alphanet_jax import compile_cache
 from alphanet_jax.console import log
 from alphanet_jax import data as data_lib
 from alphanet_jax import errors
@@ -395,9 +396,11 @@ def _restore_or_create(config: ml_collections.ConfigDict, workdir: str, ck: ckpt
 def _precompile(step_fn: SandwichStep, state: dict, batch: dict, space: SearchSpace, rng: Array) -> None:
     """Compiles every program of a step before the first one runs, and logs how long it took."""
     t_compile = time.perf_counter()
-    secs = step_fn.precompile(state, batch, step_encodings(space), rng)
+    with compile_cache.count_hits() as cached:
+        secs = step_fn.precompile(state, batch, step_encodings(space), rng)
+    loaded = f"{cached['hits']} loaded from the compilation cache; " if cached["hits"] else ""
     log(f"compiled {len(secs)} programs in {time.perf_counter() - t_compile:.1f} s "
-        f"(slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)")
+        f"({loaded}slowest: {max(secs, key=secs.get)}, {max(secs.values()):.1f} s)")
 
 
 def _log_step(config: ml_collections.ConfigDict, metrics: dict, state: dict, step_fn: SandwichStep, lr: Callable,

@@ -56,6 +56,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--analyze_only", action="store_true",
                    help="compile and print --xla_stats without running a step (sizes a config without the memory)")
     p.add_argument("--profile", default="", help="write a jax.profiler trace of 3 steps to this folder")
+    p.add_argument("--compile_cache", default="none",
+                   help="persistent compilation cache (config.compile_cache): none (default: cold compiles), auto or a "
+                        "directory; run twice with one directory to time a run that loads its programs")
     p.add_argument("--compile_workers", type=int, default=0, help="threads compiling the programs (0: auto)")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
     p.add_argument("--label", default="", help="a name for this configuration in the JSON output")
@@ -146,9 +149,10 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from alphanet_jax import flops, sampling, sandwich, train
+    from alphanet_jax import compile_cache, flops, sampling, sandwich, train
     from alphanet_jax.subnet_encoding import encode
 
+    cache_dir = compile_cache.enable(args.compile_cache)  # before the first compile (state init is one)
     config, space, mesh, model, tx, state, step, data = build(args)
     n_dev = mesh.devices.size
     batch = args.batch_per_device * n_dev
@@ -192,8 +196,9 @@ def main() -> None:
     # Compile every program (one per resolution, zeros, update), then
     # one warm-up step per resolution.
     t0 = time.perf_counter()
-    per_program = step.precompile(state, data, encs_by_res, jax.random.PRNGKey(0),
-                                  max_workers=args.compile_workers or None)
+    with compile_cache.count_hits() as cached:
+        per_program = step.precompile(state, data, encs_by_res, jax.random.PRNGKey(0),
+                                      max_workers=args.compile_workers or None)
     compile_s = time.perf_counter() - t0
     late = []  # compilations after precompile (0 unless its lowering differs from a step's)
     listener = lambda event, secs, **kw: late.append(secs) if event == BACKEND_COMPILE else None  # noqa: E731
@@ -244,6 +249,8 @@ def main() -> None:
             ("peak device memory", f"{peak / 2**30:.2f} GiB" if peak else "n/a"),
             ("compile seconds (parallel)", f"{compile_s:.1f} wall; per program: " +
              ", ".join(f"{k} {v:.1f}" for k, v in per_program.items())),
+            ("compilation cache", f"{cache_dir}: {cached['hits']} of {len(per_program)} programs loaded"
+             if cache_dir else "off (--compile_cache)"),
             ("compiled programs", f"{programs} (+{recompiled} after warm-up)"),
             ("compilations after precompile", f"{max(len(late), len(requests))} ({sum(late):.1f} s)"),
             ("model TFLOP/s", f"{model_tflops:.3f}"), ("MFU", mfu),
@@ -255,6 +262,7 @@ def main() -> None:
     result.update(images_per_s=batch / med, ms_per_step=1000 * med, ms_min=1000 * min(times),
                   ms_max=1000 * max(times), dispatch_ms=1000 * statistics.median(dispatch), peak_bytes=peak,
                   compile_s=compile_s, compile_s_per_program=per_program, programs=programs,
+                  compile_cache=cache_dir, programs_loaded_from_cache=cached["hits"],
                   late_compiles=max(len(late), len(requests)),
                   recompiled=recompiled, model_tflops=model_tflops, mfu=mfu, steps=args.steps)
 

@@ -105,6 +105,11 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     # Compile every program of the step (one per resolution, zeros, update) before the first step, instead
     # of as the steps first need them (in parallel threads on hosts with more than 2 cores).
     c.precompile = True
+    # Persistent XLA compilation cache (alphanet_jax/compile_cache.py): a run whose programs an earlier run
+    # compiled (a resume, a repeat, another task on the same checkpoint) loads them instead of compiling
+    # (AlphaNet step on the 2-core CPU: ~100 s -> see benchmarks/RESULTS.md). 'auto': $JAX_COMPILATION_CACHE_DIR,
+    # else ~/.cache/alphanet_jax/xla; 'none': off; or a directory (on several hosts: one they all share).
+    c.compile_cache = "auto"
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000  # also at the end and on SIGTERM

@@ -283,6 +283,8 @@ RUN_CASES = [
      r"search: empty FLOPs window"),
     ("an unknown depth-skipping choice", {"model.skip_inactive_blocks": "sometimes"}, errors.ConfigError,
      r"model.skip_inactive_blocks = 'sometimes'"),
+    ("a compilation cache that cannot be made", {"compile_cache": "/dev/null/xla"}, errors.ConfigError,
+     r"compile_cache: cannot use '/dev/null/xla' as the compilation cache"),
 ]
 
 

@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is a directory of the repo, not an installed package
     sys.path.insert(0, str(ROOT))
 
+from alphanet_jax import compile_cache  # noqa: E402
 from alphanet_jax import losses  # noqa: E402
 from alphanet_jax import mesh as mesh_lib  # noqa: E402
 from alphanet_jax import sandwich  # noqa: E402
@@ -854,6 +855,35 @@ def test_precompile_builds_every_program_so_steps_compile_nothing():
     assert compiles == []
     assert step.num_compiled() == len(secs)
     assert int(state["step"]) == 6 and np.isfinite(float(metrics["max/loss"]))
+
+
+def test_a_later_step_loads_every_program_from_the_compilation_cache(tmp_path):
+    """config.compile_cache: a SandwichStep built later (as in a resumed or repeated run: the in-memory
+    caches belong to the step object) loads every program that an earlier one compiled, and computes
+    the same step bit for bit."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        cache = compile_cache.enable(str(tmp_path / "xla"))
+        c, mesh, model, tx, state, first, batch = _sandwich_setup(1)
+        key = jax.random.PRNGKey(3)
+        encs = sandwich.step_encodings(SPACE)
+        with compile_cache.count_hits() as compiled:
+            programs = first.precompile(state, batch, encs, key)
+        assert compiled["hits"] == 0
+        entries = [f for f in os.listdir(cache) if f.endswith("-cache")]
+        assert len(entries) >= len(programs), entries
+        later = sandwich.SandwichStep(model, tx, c, mesh)
+        with compile_cache.count_hits() as loaded:
+            assert later.precompile(state, batch, encs, key).keys() == programs.keys()
+        assert loaded["hits"] == len(programs) == len(SPACE.resolutions) + 2
+        step_encs = [encode(s, SPACE) for s in sandwich_subnets(SPACE, 0, 1, 4)]
+        outs = [step(state, batch, step_encs, key) for step in (first, later)]
+        (a, ma), (b, mb) = outs
+        for k, v in flat(a).items():
+            np.testing.assert_array_equal(flat(b)[k], v, err_msg=k)
+        assert jax.device_get(ma) == jax.device_get(mb)
+    finally:
+        compile_cache.enable(before or "none")
 
 
 def test_max_subnet_and_students_share_one_program_entry_on_one_device():
