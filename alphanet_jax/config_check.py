@@ -41,6 +41,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     *((k, lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)") for k in (
         "sandwich.label_smoothing", "sandwich.dropout", "sandwich.drop_connect")),
     *((k, lambda v: _is_num(v), "a finite number") for k in ("sandwich.alpha_min", "sandwich.alpha_max")),
+    ("model.bn_eps", lambda v: _is_num(v) and v > 0, "a number > 0"),
     ("model.dtype", lambda v: v in train.DTYPES, f"one of {train.DTYPES}"),
     ("model.depthwise_impl", lambda v: v in depthwise_lib.DEPTHWISE_IMPLS, f"one of {depthwise_lib.DEPTHWISE_IMPLS}"),
     ("sandwich.distill", lambda v: v in sandwich.DISTILL_LOSSES, f"one of {sandwich.DISTILL_LOSSES}"),

@@ -3,7 +3,7 @@
 `extract_subnet(variables, subnet)` slices the supernet's variables exactly as the
 reference's `get_active_subnet` (spec §10.3) and returns a plain Flax model whose
 eval-mode logits equal the masked supernet's for that subnet. `save_subnet` /
-`load_subnet_model` store it as a directory: `config.json` (space and subnet) and
+`load_subnet_model` store it as a directory: `config.json` (space, subnet and BN epsilon) and
 `variables.npz` (no pickle).
 """
 
@@ -198,11 +198,13 @@ def slice_variables(variables: dict, subnet: SubnetConfig, space: SearchSpace | 
 
 
 def extract_subnet(variables: dict, subnet: SubnetConfig, space: SearchSpace | None = None,
-                   dtype: Any = jnp.float32) -> tuple[StaticSubnet, dict]:
-    """A standalone static model and its sliced variables; `model.apply(v, images)` gives logits."""
+                   dtype: Any = jnp.float32, bn_eps: float = 1e-5) -> tuple[StaticSubnet, dict]:
+    """A standalone static model and its sliced variables; `model.apply(v, images)` gives logits.
+    `bn_eps`: the supernet's (config.model.bn_eps); `save_subnet` records it with the model."""
     space = get_space(space)
     subnet.validate(space)
-    return StaticSubnet(space=space, subnet=subnet, dtype=dtype), slice_variables(variables, subnet, space)
+    model = StaticSubnet(space=space, subnet=subnet, dtype=dtype, bn_eps=float(bn_eps))
+    return model, slice_variables(variables, subnet, space)
 
 
 def num_params(variables: dict) -> int:
@@ -219,7 +221,7 @@ def save_subnet(directory: str, model: StaticSubnet, variables: dict, extra: dic
         np.savez(f, **flat)
     os.replace(tmp, os.path.join(directory, "variables.npz"))
     meta = {"format": FORMAT, "space": model.space.to_dict(), "subnet": model.subnet.to_dict(),
-            "num_params": num_params(variables), **(extra or {})}
+            "bn_eps": float(model.bn_eps), "num_params": num_params(variables), **(extra or {})}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -238,7 +240,11 @@ def load_subnet_model(directory: str, dtype: Any = jnp.float32) -> tuple[StaticS
         raise UserError(f"{cfg_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     space = get_space(meta["space"])
     subnet = SubnetConfig.from_dict(meta["subnet"], space)
-    model = StaticSubnet(space=space, subnet=subnet, dtype=dtype)
+    # Directories written before bn_eps was recorded hold models of the default 1e-5.
+    bn_eps = meta.get("bn_eps", 1e-5)
+    if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or not 0 < bn_eps < float("inf"):
+        raise UserError(f"{cfg_path}: bn_eps {bn_eps!r} is not a number > 0")
+    model = StaticSubnet(space=space, subnet=subnet, dtype=dtype, bn_eps=float(bn_eps))
     with np.load(npz_path, allow_pickle=False) as z:
         flat = {k: z[k] for k in z.files}
     variables: dict[str, Any] = {}

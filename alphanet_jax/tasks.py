@@ -311,7 +311,8 @@ def export_task(config: ml_collections.ConfigDict, workdir: str) -> str:
     calibrated = eval_lib.calibrate_bn(model, variables, subnet, calib(), mesh=mesh,
                                        num_batches=config.eval.calib_batches)
     row = eval_lib.evaluate(model, calibrated, subnet, evals(), mesh=mesh)
-    static, sliced = export_lib.extract_subnet(jax.device_get(calibrated), subnet, space)
+    static, sliced = export_lib.extract_subnet(jax.device_get(calibrated), subnet, space,
+                                               bn_eps=float(config.model.bn_eps))
     directory = e.directory or os.path.join(workdir, "export")
     if jax.process_index() == 0:
         export_lib.save_subnet(directory, static, jax.device_get(sliced), extra={

@@ -283,6 +283,7 @@ RUN_CASES = [
      r"search: empty FLOPs window"),
     ("an unknown depth-skipping choice", {"model.skip_inactive_blocks": "sometimes"}, errors.ConfigError,
      r"model.skip_inactive_blocks = 'sometimes'"),
+    ("a BN epsilon of zero", {"model.bn_eps": 0.0}, errors.ConfigError, r"model.bn_eps = 0.0 is not allowed"),
     ("a compilation cache that cannot be made", {"compile_cache": "/dev/null/xla"}, errors.ConfigError,
      r"compile_cache: cannot use '/dev/null/xla' as the compilation cache"),
 ]

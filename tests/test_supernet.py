@@ -274,6 +274,32 @@ def test_exported_subnet_save_load_round_trip(tmp_path, tiny_vars):
         export.load_subnet_model(str(tmp_path / "nothing"))
 
 
+def test_exported_subnet_keeps_the_supernets_bn_epsilon(tmp_path, tiny_vars):
+    """A supernet trained with another config.model.bn_eps exports (and reloads) a model with that epsilon:
+    its logits are the masked supernet's with the same epsilon, not those of the default 1e-5."""
+    s = sampling.sample_subnet(TINY, random.Random(4))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+    m, sv = export.extract_subnet(tiny_vars, s, TINY, bn_eps=1e-2)
+    export.save_subnet(str(tmp_path / "net"), m, sv)
+    m2, sv2 = export.load_subnet_model(str(tmp_path / "net"))
+    assert m2.bn_eps == 1e-2
+    got = np.asarray(m2.apply(sv2, x))
+
+    def masked(eps):
+        return np.asarray(supernet.Supernet(space=TINY, bn_eps=eps).apply(tiny_vars, x, s))
+
+    scale = np.max(np.abs(got))
+    assert np.max(np.abs(got - masked(1e-2))) <= 1e-5 * scale  # float32 reorderings of ~10 layers
+    assert np.max(np.abs(got - masked(1e-5))) > 1e-3 * scale  # the epsilon matters: the check has teeth
+    cfg_path = tmp_path / "net" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "bn_eps"}))  # an older export
+    assert export.load_subnet_model(str(tmp_path / "net"))[0].bn_eps == 1e-5
+    cfg_path.write_text(json.dumps(dict(meta, bn_eps="tiny")))
+    with pytest.raises(errors.UserError, match="bn_eps 'tiny'"):
+        export.load_subnet_model(str(tmp_path / "net"))
+
+
 def test_bad_inputs_give_clear_errors(tiny_vars):
     model = supernet.Supernet(space=TINY)
     with pytest.raises(ValueError, match="channels"):

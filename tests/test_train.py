@@ -750,7 +750,8 @@ CLI_TIMEOUT_S = 240  # measured ~55-65 s alone on the 2-core box; it shares the 
 CLI_ARGS = ("--config=configs/quickstart.py:steps=4", "--config.search.evo_iter=1",
             "--config.search.parent_popu_size=3", "--config.search.mutate_size=1",
             "--config.search.crossover_size=1", "--config.eval.calib_batches=2", "--config.search.calib_batches=2",
-            f"--config.batch_size={BATCH}", "--config.data.num_workers=1", "--config.log_every_steps=2")
+            f"--config.batch_size={BATCH}", "--config.data.num_workers=1", "--config.log_every_steps=2",
+            "--config.model.bn_eps=0.001")  # not the default: the export must carry it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -795,6 +796,8 @@ def test_cli_runs_train_evaluate_search_export(cli_run):
     assert results["train"]["steps"] == 4 and results["train"]["interrupted"] is False
     assert {row["name"] for row in results["evaluate"]} == {"min", "max"}
     assert "step 4/4" in output and "exported" in output
+    with open(workdir / "export" / "config.json") as f:
+        assert json.load(f)["bn_eps"] == 0.001  # the exported model's BN epsilon is the run's
 
 
 def test_cli_bad_subnet_name_fails_clearly(tmp_path):
