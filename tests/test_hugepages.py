@@ -33,9 +33,8 @@ def test_wanted_only_where_glibc_and_the_kernel_can_and_nobody_chose_otherwise(e
     assert hugepages.wanted(env, libc, thp) is expected
 
 
-def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path):
-    """The script runs to its end once, after the restart, with its -u option, its arguments and the
-    user's other tunables; where the restart is not wanted, once, unchanged."""
+def _restarting_script(tmp_path):
+    """A script that restarts itself through `reexec_with_hugepages` and prints what it then has."""
     script = tmp_path / "s.py"
     script.write_text(
         "import os, sys\n"
@@ -45,6 +44,13 @@ def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path
         "hugepages.reexec_with_hugepages()\n"
         "print('tunables', os.environ.get('GLIBC_TUNABLES'))\n"
         "print('args', sys.argv[1:], 'orig', sys.orig_argv[1])\n")
+    return script
+
+
+def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path):
+    """The script runs to its end once, after the restart, with its -u option, its arguments and the
+    user's other tunables; where the restart is not wanted, once, unchanged."""
+    script = _restarting_script(tmp_path)
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
     env.pop(hugepages.OPT_OUT, None)
     want = hugepages.wanted(env)
@@ -55,3 +61,30 @@ def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path
     assert out.count("start") == (2 if want else 1)
     expected = "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1" if want else "glibc.malloc.arena_max=4"
     assert out[-2:] == [f"tunables {expected}", "args ['a b', '--x=1'] orig -u"]
+
+
+@pytest.mark.parametrize("env,libc,expected", [
+    ({}, GLIBC, False),  # opt-in only: it slows compiles down and keeps the peak memory
+    ({"ALPHANET_ONE_ARENA": "1"}, GLIBC, True),
+    ({"ALPHANET_ONE_ARENA": "on"}, ("glibc", "2.26"), True),
+    ({"ALPHANET_ONE_ARENA": "1"}, ("glibc", "2.25"), False),  # no tunables
+    ({"ALPHANET_ONE_ARENA": "1"}, ("musl", "1.2"), False),
+    ({"ALPHANET_ONE_ARENA": "0"}, GLIBC, False),
+    ({"ALPHANET_ONE_ARENA": "1", "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, GLIBC, False),  # the user's
+])
+def test_one_arena_only_when_asked_for_and_nobody_set_an_arena_count(env, libc, expected):
+    if not sys.platform.startswith("linux"):
+        expected = False
+    assert hugepages.one_arena_wanted(env, libc) is expected
+
+
+def test_restart_with_one_arena_adds_its_tunables_once(tmp_path):
+    script = _restarting_script(tmp_path)
+    env = dict(os.environ, ALPHANET_ONE_ARENA="1", ALPHANET_HUGEPAGES="0")
+    env.pop("GLIBC_TUNABLES", None)
+    want = hugepages.one_arena_wanted(env)
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out.count("start") == (2 if want else 1)
+    assert out[-2] == "tunables " + (":".join(hugepages.ONE_ARENA_TUNABLES) if want else "None")
