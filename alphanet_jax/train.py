@@ -31,7 +31,8 @@ from alphanet_jax.sampling import sandwich_subnets
 from alphanet_jax.sandwich import SandwichStep, step_encodings
 from alphanet_jax.search_space import SearchSpace, get_space
 from alphanet_jax import supernet as supernet_lib
-from alphanet_jax.supernet import Supernet, encode
+from alphanet_jax.subnet_encoding import encode
+from alphanet_jax.supernet import Supernet
 
 Array = jax.Array
 

@@ -22,6 +22,8 @@ sys.path[:0] = [os.path.join(HERE, ".."), HERE]  # the package and configs/; tra
 
 
 def parse() -> argparse.Namespace:
+    from alphanet_jax.supernet import BLOCK_RESIDUALS_VALUES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="alphanet")
     p.add_argument("--batch_per_device", type=int, default=8)
@@ -29,7 +31,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_inactive_blocks", action="store_true")
-    p.add_argument("--block_residuals", default="auto", choices=("auto", "all", "convs"))
+    p.add_argument("--block_residuals", default="auto", choices=BLOCK_RESIDUALS_VALUES)
     p.add_argument("--depthwise_impl", default="auto")
     p.add_argument("--scan_blocks", default="auto")
     p.add_argument("--resolutions", default="", help="comma-separated student resolutions to time (default: all)")

@@ -35,6 +35,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
 
 
 def parse() -> argparse.Namespace:
+    from alphanet_jax.supernet import BLOCK_RESIDUALS_VALUES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="alphanet", help="search space name (alphanet, tiny, ...)")
     p.add_argument("--batch_per_device", type=int, default=256)
@@ -44,7 +46,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--num_arch_training", type=int, default=4)
     p.add_argument("--skip_inactive_blocks", action="store_true", help="compute no depth-inactive block (model.skip_inactive_blocks)")
     p.add_argument("--remat", action="store_true", help="recompute block activations in the backward pass")
-    p.add_argument("--block_residuals", default="auto", choices=("auto", "all", "convs"),
+    p.add_argument("--block_residuals", default="auto", choices=BLOCK_RESIDUALS_VALUES,
                    help="what a block keeps for its backward pass (model.block_residuals)")
     p.add_argument("--depthwise_impl", default="auto",
                    help="auto | xla | shift | taps (see depthwise.depthwise; auto: taps on CPU, xla elsewhere)")
