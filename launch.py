@@ -18,9 +18,9 @@ import sys
 import threading
 
 if __name__ == "__main__":  # before anything else: glibc reads its tunables at process start
-    from alphanet_jax import hugepages
+    from alphanet_jax import malloc_tunables
 
-    hugepages.reexec_with_hugepages()
+    malloc_tunables.reexec_with_tunables()
 
 import ml_collections
 from absl import app, flags, logging

@@ -100,7 +100,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from alphanet_jax import hugepages  # first: huge pages for the CPU runtime's buffers (ALPHANET_HUGEPAGES=0: off)
+    from alphanet_jax import malloc_tunables  # first: glibc tunables for the CPU runtime (ALPHANET_HUGEPAGES=0: none)
 
-    hugepages.reexec_with_hugepages()
+    malloc_tunables.reexec_with_tunables()
     main()

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "alphanet_jax"
 # The README's module list, bottom to top ("each imports only those above it in this list"). `data` is a
 # package: its submodules count as one module. launch.py is the top.
 LAYERS = [
-    "errors", "hugepages", "files", "console", "compile_cache", "latency", "safe_pickle", "widths", "spaces", "space_dict",
+    "errors", "malloc_tunables", "files", "console", "compile_cache", "latency", "safe_pickle", "widths", "spaces", "space_dict",
     "search_space", "presets", "resolve", "subnet_encoding", "sampling", "flops", "search_config", "evolution",
     "pareto", "losses", "data", "fingerprint", "mesh", "process_comm", "checkpoint", "layers", "depthwise",
     "supernet_init", "supernet", "evaluate", "export", "onnx_export", "latency_measure", "latency_fit", "convert",

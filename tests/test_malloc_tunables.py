@@ -1,4 +1,4 @@
-"""The restart with glibc's huge-page tunable (`alphanet_jax.hugepages`): when, and that it keeps the command."""
+"""The restart with glibc's huge-page tunable (`alphanet_jax.malloc_tunables`): when, and that it keeps the command."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from alphanet_jax import hugepages
+from alphanet_jax import malloc_tunables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = ("glibc", "2.36")
@@ -30,18 +30,18 @@ MADVISE = "always [madvise] never\n"
 def test_wanted_only_where_glibc_and_the_kernel_can_and_nobody_chose_otherwise(env, libc, thp, expected):
     if not sys.platform.startswith("linux"):
         expected = False
-    assert hugepages.wanted(env, libc, thp) is expected
+    assert malloc_tunables.hugepages_wanted(env, libc, thp) is expected
 
 
 def _restarting_script(tmp_path):
-    """A script that restarts itself through `reexec_with_hugepages` and prints what it then has."""
+    """A script that restarts itself through `reexec_with_tunables` and prints what it then has."""
     script = tmp_path / "s.py"
     script.write_text(
         "import os, sys\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "from alphanet_jax import hugepages\n"
+        "from alphanet_jax import malloc_tunables\n"
         "print('start', flush=True)\n"
-        "hugepages.reexec_with_hugepages()\n"
+        "malloc_tunables.reexec_with_tunables()\n"
         "print('tunables', os.environ.get('GLIBC_TUNABLES'))\n"
         "print('args', sys.argv[1:], 'orig', sys.orig_argv[1])\n")
     return script
@@ -52,8 +52,8 @@ def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path
     user's other tunables; where the restart is not wanted, once, unchanged."""
     script = _restarting_script(tmp_path)
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.arena_max=4")
-    env.pop(hugepages.OPT_OUT, None)
-    want = hugepages.wanted(env)
+    env.pop(malloc_tunables.OPT_OUT, None)
+    want = malloc_tunables.hugepages_wanted(env)
     proc = subprocess.run([sys.executable, "-u", str(script), "a b", "--x=1"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -75,16 +75,16 @@ def test_restart_keeps_interpreter_options_arguments_and_other_tunables(tmp_path
 def test_one_arena_only_when_asked_for_and_nobody_set_an_arena_count(env, libc, expected):
     if not sys.platform.startswith("linux"):
         expected = False
-    assert hugepages.one_arena_wanted(env, libc) is expected
+    assert malloc_tunables.one_arena_wanted(env, libc) is expected
 
 
 def test_restart_with_one_arena_adds_its_tunables_once(tmp_path):
     script = _restarting_script(tmp_path)
     env = dict(os.environ, ALPHANET_ONE_ARENA="1", ALPHANET_HUGEPAGES="0")
     env.pop("GLIBC_TUNABLES", None)
-    want = hugepages.one_arena_wanted(env)
+    want = malloc_tunables.one_arena_wanted(env)
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
     assert out.count("start") == (2 if want else 1)
-    assert out[-2] == "tunables " + (":".join(hugepages.ONE_ARENA_TUNABLES) if want else "None")
+    assert out[-2] == "tunables " + (":".join(malloc_tunables.ONE_ARENA_TUNABLES) if want else "None")

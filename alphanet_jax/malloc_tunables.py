@@ -1,18 +1,21 @@
-"""Transparent huge pages for the host's malloc: a CPU step ~20 % faster, set before the process starts.
+"""glibc malloc tunables for XLA's CPU runtime, set by restarting the process once before anything is imported.
+
+Huge pages (default): a CPU step ~20 % faster.
 
 XLA's CPU runtime allocates every program's buffers afresh on each run, and glibc serves large blocks
 with mmap: each run then faults in its memory page by page (4 KiB), which on the 2-core CPU took ~25 %
 of a sandwich step's CPU time (kernel page-fault handling and zeroing). glibc >= 2.35 can ask the
 kernel for 2 MiB pages instead (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, with transparent huge pages
 in `madvise` or `always` mode): the AlphaNet student program ran in 1.14 s instead of 1.46 s
-(benchmarks/RESULTS.md). Tunables are read when a process starts, so `reexec_with_hugepages` restarts
+(benchmarks/RESULTS.md). Tunables are read when a process starts, so `reexec_with_tunables` restarts
 the process once with the tunable set, before anything else is imported. Standard library only.
 
 Opt-in, `ALPHANET_ONE_ARENA=1`: also one malloc arena that never returns memory (`ONE_ARENA_TUNABLES`),
 so XLA's per-run buffers come from memory the process already has: no page faults at all after the
-first steps. AlphaNet CPU step (fp32, batch 8) 5.75 -> 4.89 s, but compiling takes ~40 % longer (every
-compile thread then shares one arena's lock: 114 -> 162 s cold) and the process keeps its peak memory
-(max RSS 4.5 -> 8.9 GB), so it pays off only for long CPU runs (benchmarks/RESULTS.md, session 11).
+first steps. AlphaNet CPU step (fp32, batch 8) 5.75 -> 4.9-5.1 s, but compiling takes ~40 % longer (every
+compile thread then shares one arena's lock: 114 -> 162 s cold), the process keeps its peak memory
+(max RSS 4.5 -> 8.9 GB) and A0 calibration/evaluation runs ~28 % slower, so it pays off only for long CPU
+training runs (benchmarks/RESULTS.md, session 11).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ ONE_ARENA_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def wanted(environ: dict[str, str] | None = None, libc: tuple[str, str] | None = None,
+def hugepages_wanted(environ: dict[str, str] | None = None, libc: tuple[str, str] | None = None,
            thp_mode: str | None = None) -> bool:
     """Whether a restart with the tunable would help: Linux with glibc >= 2.35, transparent huge pages
     not 'never', the tunable not already set, and no opt-out (`ALPHANET_HUGEPAGES=0`)."""
@@ -69,11 +72,11 @@ def _glibc_at_least(libc: tuple[str, str] | None, version: tuple[int, int]) -> b
         return False
 
 
-def reexec_with_hugepages() -> None:
+def reexec_with_tunables() -> None:
     """Restarts this Python process with glibc's huge-page tunable added to GLIBC_TUNABLES, where
-    `wanted()` (and ONE_ARENA_TUNABLES where `one_arena_wanted()`); returns otherwise. Same interpreter,
-    options, arguments and process id (exec)."""
-    add = ([TUNABLE] if wanted() else []) + (list(ONE_ARENA_TUNABLES) if one_arena_wanted() else [])
+    `hugepages_wanted()`, and ONE_ARENA_TUNABLES, where `one_arena_wanted()`; returns otherwise. Same
+    interpreter, options, arguments and process id (exec)."""
+    add = ([TUNABLE] if hugepages_wanted() else []) + (list(ONE_ARENA_TUNABLES) if one_arena_wanted() else [])
     if not add:
         return
     tunables = os.environ.get("GLIBC_TUNABLES", "")
