@@ -107,8 +107,9 @@ def base_config(space: str = "alphanet", data_source: str = "imagefolder") -> ml
     c.precompile = True
     # Persistent XLA compilation cache (alphanet_jax/compile_cache.py): a run whose programs an earlier run
     # compiled (a resume, a repeat, another task on the same checkpoint) loads them instead of compiling
-    # (AlphaNet step on the 2-core CPU: 114 s compiled, 25.7 s loaded; benchmarks/RESULTS.md). 'auto': $JAX_COMPILATION_CACHE_DIR,
-    # else ~/.cache/alphanet_jax/xla; 'none': off; or a directory (on several hosts: one they all share).
+    # (AlphaNet step on the 2-core CPU: 114 s compiled, 25.7 s loaded; benchmarks/RESULTS.md).
+    # 'auto': $JAX_COMPILATION_CACHE_DIR, else ~/.cache/alphanet_jax/xla; 'none': off; or a directory (on
+    # several hosts: one they all share).
     c.compile_cache = "auto"
 
     c.checkpoint = ml_collections.ConfigDict()
