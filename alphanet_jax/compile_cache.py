@@ -1,6 +1,6 @@
 """The persistent XLA compilation cache: a run that compiles what an earlier run compiled loads it instead.
 
-The AlphaNet step compiles for ~100 s on a 2-core CPU (`len(resolutions) + 2` programs); a resumed,
+The AlphaNet step compiles for 104-114 s on a 2-core CPU (`len(resolutions) + 2` programs); a resumed,
 repeated or re-evaluated run with the same programs (same config, shapes, devices, jax and jaxlib)
 loads them from disk in about a second each (benchmarks/RESULTS.md). jax keys each entry on the
 program and everything that changes its compilation, so a stale entry is never used.

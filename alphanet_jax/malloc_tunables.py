@@ -34,7 +34,7 @@ THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def hugepages_wanted(environ: dict[str, str] | None = None, libc: tuple[str, str] | None = None,
-           thp_mode: str | None = None) -> bool:
+                     thp_mode: str | None = None) -> bool:
     """Whether a restart with the tunable would help: Linux with glibc >= 2.35, transparent huge pages
     not 'never', the tunable not already set, and no opt-out (`ALPHANET_HUGEPAGES=0`)."""
     env = os.environ if environ is None else environ
