@@ -4,7 +4,10 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import xla_env
+
+if "XLA_FLAGS" not in os.environ:  # 8 simulated devices; fast compiles (tests/xla_env.py)
+    os.environ["XLA_FLAGS"] = xla_env.xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small programs (the quickstart supernet's step, in-process and in
 # worker processes): a persistent compilation cache for the session, inherited by subprocesses,

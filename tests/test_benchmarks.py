@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, timeout=240):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(2), JAX_PLATFORMS="cpu",
                JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=timeout)
@@ -34,7 +36,7 @@ def test_train_step_analyze_only_sizes_a_config_without_running_it(tmp_path):
 def test_gpu_suite_runs_every_measurement_with_tiny_settings(tmp_path):
     """benchmarks/gpu_suite.sh is what a GPU session runs in one call: check its plumbing on CPU, and with
     it train_step.py's figures, --remat, --xla_stats, --profile, --json and profile_summary.py."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(2), JAX_PLATFORMS="cpu",
                JAX_DISABLE_MOST_OPTIMIZATIONS="1", SUITE_SMALL="1", OUT=str(tmp_path), PYTHON=sys.executable)
     out = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "all"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from alphanet_jax import checkpoint, data, errors, mesh, presets, search_space as ss, tasks
+import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ss.get_space("tiny")
@@ -217,8 +218,7 @@ def test_bad_input_gives_a_clear_error(tmp_path, name, make, exc, pattern):
 
 
 def _launch(*args, timeout=120):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_env.xla_flags(1))
     return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -413,8 +413,7 @@ runpy.run_path("launch.py", run_name="__main__")
 
 
 def _patched_launch(what, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_env.xla_flags(1))
     return subprocess.run([sys.executable, "-c", _PATCHED_LAUNCH, what, "--config=configs/quickstart.py", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 

@@ -18,6 +18,7 @@ import pytest
 
 from alphanet_jax.sampling import sandwich_subnets
 from alphanet_jax.search_space import get_space
+import xla_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 NPROC = 2
@@ -41,7 +42,7 @@ def two_process_run(tmp_path_factory):
     workdir, outdir = base / "workdir", base / "out"
     outdir.mkdir()
     # The test process has XLA_FLAGS=...count=8 (tests/conftest.py): each child gets 4 devices instead.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(4), JAX_PLATFORMS="cpu",
                PYTHONUNBUFFERED="1")
     port = _free_port()
     logs = [base / f"proc{i}.log" for i in range(NPROC)]
@@ -143,7 +144,7 @@ def one_process_run(tmp_path_factory):
     """The reference: one process with all 8 devices, no jax.distributed, fed the same global batches
     (the 2 hosts' shards, concatenated) and stopped at the same step."""
     base = tmp_path_factory.mktemp("one-process")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(8), JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, WORKER, "0", "1", "0", str(base / "workdir"), str(base), str(NPROC)],
                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT_S)
     assert r.returncode == 0, r.stdout[-3000:]

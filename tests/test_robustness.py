@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from alphanet_jax import checkpoint, train
+import xla_env
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
 import train_worker  # noqa: E402
@@ -26,8 +27,7 @@ SandwichStep = train.SandwichStep  # the production step, which fault injection 
 def _env(cache_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="1",
                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop("XLA_FLAGS", None)
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", XLA_FLAGS=xla_env.xla_flags(1))
     return env
 
 
