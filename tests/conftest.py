@@ -26,3 +26,19 @@ import jax  # noqa: E402  (after the environment above)
 
 # Tests are dominated by XLA compile time on small shapes; skip most optimisation passes.
 jax.config.update("jax_disable_most_optimizations", True)
+
+# Seconds each module took in a whole suite run (2-core box, 2 workers; the modules above ~10 s; session
+# 13, benchmarks/RESULTS.md). pytest-xdist hands whole modules (--dist loadscope) to its workers in
+# collection order (--no-loadscope-reorder in pyproject.toml): heaviest first, so that no long module
+# starts last and leaves one worker idle at the end. Other modules follow in their usual order. Stale
+# figures only cost wall time.
+MODULE_SECONDS = {
+    "test_supernet.py": 461, "test_robustness.py": 263, "test_train.py": 221, "test_benchmarks.py": 153,
+    "test_learning.py": 110, "test_multihost.py": 99, "test_crash_search.py": 88, "test_onnx_export.py": 53,
+    "test_ghost_bn.py": 52, "test_slimmable.py": 38, "test_layers.py": 27, "test_losses.py": 22,
+    "test_errors.py": 20, "test_evaluate.py": 19, "test_data_pipeline.py": 13,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))  # stable: keeps each module's order
