@@ -357,7 +357,7 @@ def test_remat_gives_the_same_logits_stats_and_gradients(tiny_vars, skip_inactiv
         (ga, (za, sa)), (gb, (zb, sb)) = fa(tiny_vars["params"], enc), fb(tiny_vars["params"], enc)
         np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
 
 
 # A tiny space with deep stages, so that `scan_blocks` has groups of several blocks to scan (and
@@ -405,10 +405,10 @@ def test_scanned_blocks_give_the_same_logits_stats_and_gradients(skip_inactive, 
     for s in [DEEP.max_subnet(), DEEP.min_subnet()] + [sampling.sample_subnet(DEEP, rng) for _ in range(2)]:
         enc = encode(s, DEEP)
         (ga, (za, sa)), (gb, (zb, sb)) = unrolled(variables["params"], enc), scanned(variables["params"], enc)
-        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
+        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(za).max())))
         assert jax.tree.structure((ga, sa)) == jax.tree.structure((gb, sb))
         for a, b in zip(jax.tree.leaves((ga, sa)), jax.tree.leaves((gb, sb))):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
 
 
 def test_hidden_tensors_are_as_wide_as_resolve_makes_them_in_a_custom_space():
@@ -460,8 +460,8 @@ def test_depth_skipping_loop_gives_the_same_logits_and_gradients(remat):
     for s in subnets:
         enc = encode(s, DEEP)
         (ga, za), (gb, zb) = full(variables["params"], enc), looped(variables["params"], enc)
-        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.abs(za).max())))
+        np.testing.assert_allclose(zb, za, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(za).max())))
         for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(jnp.abs(a).max())))
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
         ea, eb = (np.asarray(e(variables, enc)) for e in evals)
         np.testing.assert_allclose(eb, ea, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(ea).max())))
