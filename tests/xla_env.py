@@ -3,7 +3,8 @@
 Tests are dominated by compile time on tiny shapes. Besides `jax_disable_most_optimizations`, XLA:CPU's
 older (non-MLIR) fusion emitters compile the test programs about 2x faster (one scanned supernet's
 gradient: 6.6 -> 3.4 s; benchmarks/RESULTS.md, session 13); the slower code they make does not matter at
-these shapes, and the programs compute the same functions (XLA's own tests hold both emitters to it).
+these shapes. Same HLO, other code generation: results agree within the tests' float32 tolerances (the
+whole suite passes either way).
 XLA aborts on a flag it does not know, so the flag is used only if this jaxlib accepts it: probed once,
 in a child process, and remembered in the environment that pytest-xdist workers and child processes
 inherit. The learning test (tests/test_learning.py) runs the production settings instead.
