@@ -11,4 +11,3 @@ def test_a_flag_xla_refuses_is_left_out(monkeypatch):
     monkeypatch.setattr(xla_env, "FAST_COMPILE_FLAGS", "--xla_alphanet_tests_no_such_flag=true")
     assert xla_env.xla_flags(3) == "--xla_force_host_platform_device_count=3"
     assert os.environ[xla_env._PROBED] == ""
-
